@@ -1,0 +1,30 @@
+"""The reference: one forward and one backward per sample, exactly as the public LPLgrad code.
+
+Slow by design; every fast backend is tested against it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Backend
+
+
+class LoopBackend(Backend):
+    name = "loop"
+
+    def chunk_size(self, example: torch.Tensor) -> int:
+        return int(self.job.options.get("chunk_size") or 64)
+
+    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+        job = self.job
+        params = [p for _, p in job.params]
+        out = torch.zeros(x.shape[0], len(params), dtype=job.accum_dtype, device=x.device)
+        for i in range(x.shape[0]):
+            loss = job.losses(x[i : i + 1])[0]
+            if not loss.requires_grad:
+                continue  # the loss does not depend on any parameter: every norm is 0
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for j, g in enumerate(grads):
+                if g is not None:
+                    out[i, j] = g.to(job.accum_dtype).pow(2).sum()
+        return out

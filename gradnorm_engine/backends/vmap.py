@@ -1,0 +1,79 @@
+"""Per-sample gradients with ``torch.func.vmap(grad)``, reduced to squared norms chunk by chunk.
+
+Each chunk materialises B x P gradient entries for a moment, reduces them with the fused
+``per_sample_sumsq`` kernel and drops them, so memory is bounded by the chunk, not the pool.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ..inputs import check_logits, check_loss
+from ..kernels import per_sample_sumsq
+from ..memory import chunk_budget
+from .base import Backend
+
+# Bytes per measured parameter entry and per activation entry of one sample while a chunk
+# runs: the per-sample gradient plus autograd's temporaries (about 3 copies), and the saved
+# activations with their gradients (about 4 copies). Deliberately generous; an OOM still
+# halves the chunk and retries.
+PARAM_COPIES = 3
+ACTIVATION_COPIES = 4
+MAX_CHUNK = 1024
+
+
+class VmapBackend(Backend):
+    name = "vmap"
+
+    def __init__(self, job):
+        super().__init__(job)
+        model = job.model
+        measured = {n for n, _ in job.params}
+        self.names = [n for n, _ in job.params]
+        self.frozen = {n: p.detach() for n, p in model.named_parameters() if n not in measured}
+        self.buffers = {n: b.detach() for n, b in model.named_buffers()}
+        self.per_sample_grad = vmap(grad(self._loss_one), in_dims=(None, 0), randomness="error")
+
+    def _loss_one(self, measured: dict, x1: torch.Tensor) -> torch.Tensor:
+        job = self.job
+        batch = x1.unsqueeze(0)  # (1, ...): the model sees a batch of one
+        with job.autocast_context():
+            out = functional_call(job.model, ({**measured, **self.frozen}, self.buffers), (batch,))
+        loss = check_loss(job.loss_fn(check_logits(job.logits_fn(out), 1)), 1)
+        return loss[0]
+
+    def chunk_size(self, example: torch.Tensor) -> int:
+        if self.job.options.get("chunk_size"):
+            return int(self.job.options["chunk_size"])
+        job = self.job
+        itemsize = torch.finfo(job.accum_dtype).bits // 8
+        param_elems = sum(p.numel() for _, p in job.params)
+        act_elems = _activation_elems(job.model, example)
+        per_sample = itemsize * (PARAM_COPIES * param_elems + ACTIVATION_COPIES * act_elems)
+        return max(1, min(MAX_CHUNK, chunk_budget(job.device, job.max_memory) // per_sample))
+
+    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+        measured = {n: p.detach() for n, p in self.job.params}
+        grads = self.per_sample_grad(measured, x)          # {name: [B, *param.shape]}
+        out = per_sample_sumsq([grads[n] for n in self.names], per_tensor=True)  # [B, P]
+        return out.to(self.job.accum_dtype)
+
+
+def _activation_elems(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """Entries of every module output for one sample: a cheap proxy of the activation memory."""
+    total = 0
+
+    def count(_m, _inp, out):
+        nonlocal total
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total, example.numel())

@@ -1,0 +1,139 @@
+"""What one scoring run needs, resolved once: the model, the measured parameters, the loss.
+
+Backends receive a ``ScoringJob`` and never look at the user's raw options.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .inputs import check_logits, check_loss, resolve_logits_fn
+from .scores import ScoreFn, resolve_score
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ScoringJob:
+    model: nn.Module
+    params: list[tuple[str, nn.Parameter]]   # the measured parameters, in column order of sqnorms
+    loss_fn: ScoreFn                         # logits [B, C] -> per-sample loss [B]
+    logits_fn: Callable[[Any], torch.Tensor]
+    device: torch.device
+    autocast: torch.dtype | None = None
+    max_memory: int | None = None            # bytes the backend may use per chunk; None: from free memory
+    options: dict = field(default_factory=dict)  # backend-specific knobs (e.g. chunk_size)
+
+    @property
+    def accum_dtype(self) -> torch.dtype:
+        """Squared norms are accumulated in fp32, or fp64 for a fp64 model."""
+        dtypes = {p.dtype for _, p in self.params}
+        return torch.float64 if torch.float64 in dtypes else torch.float32
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward in the job's precision and take logits; [B, ...] -> [B, C]."""
+        with self.autocast_context():
+            out = self.model(x)
+        return check_logits(self.logits_fn(out), x.shape[0])
+
+    def losses(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses of a batch; [B, ...] -> [B]."""
+        return check_loss(self.loss_fn(self.logits(x)), x.shape[0])
+
+    def autocast_context(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
+
+
+def select_params(model: nn.Module, params: Iterable | None) -> list[tuple[str, nn.Parameter]]:
+    """The parameters to measure: all with requires_grad (default), or the given subset
+    (parameters of the model, or their names), always in ``model.named_parameters()`` order."""
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+    else:
+        wanted = list(params)
+        by_name = dict(named)
+        ids = set()
+        for w in wanted:
+            if isinstance(w, str):
+                if w not in by_name:
+                    raise ValueError(f"params names {w!r}, which is not a parameter of the model; "
+                                     "see model.named_parameters() for the names")
+                ids.add(id(by_name[w]))
+            elif isinstance(w, torch.Tensor):
+                ids.add(id(w))
+            else:
+                raise TypeError(f"params must hold parameters or their names, got {type(w).__name__}")
+        chosen = [(n, p) for n, p in named if id(p) in ids]
+        if len(chosen) != len(ids):
+            raise ValueError("params holds a tensor that is not a parameter of the model")
+    if not chosen:
+        raise ValueError("no parameter to measure: the model has no parameter with requires_grad=True "
+                         "(or params= is empty); unfreeze the parameters to score or pass params=")
+    return chosen
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Score in eval mode (BatchNorm running stats, dropout off); restore every module's
+    train/eval flag afterwards, also when scoring raises."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in flags:
+            m.training = was_training
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Move the model to ``device`` for the run and back afterwards (an exact copy both ways)."""
+    home = model_device(model)
+    if home == device:
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
+def make_job(model: nn.Module, *, score, params, logits_fn, device, autocast, max_memory,
+             options: dict | None = None) -> ScoringJob:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    # DistributedDataParallel / DataParallel: score the wrapped module; the wrapper's forward
+    # would sync gradients or scatter inputs, which per-sample scoring never wants.
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    if autocast not in (None, *AUTOCAST_DTYPES):
+        raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")
+    if max_memory is not None and max_memory <= 0:
+        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
+    return ScoringJob(
+        model=model,
+        params=select_params(model, params),
+        loss_fn=resolve_score(score),
+        logits_fn=resolve_logits_fn(logits_fn),
+        device=torch.device(device) if device is not None else model_device(model),
+        autocast=AUTOCAST_DTYPES.get(autocast) if autocast else None,
+        max_memory=int(max_memory) if max_memory is not None else None,
+        options=dict(options or {}),
+    )

@@ -1,0 +1,41 @@
+"""How many bytes a backend may spend on one chunk of samples."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Share of the currently free memory a chunk may take: leaves room for the allocator's
+# fragmentation and for whatever else lives in the process.
+FREE_FRACTION = 0.5
+CPU_FALLBACK_BYTES = 2 * 1024**3
+
+
+def free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return CPU_FALLBACK_BYTES
+
+
+def chunk_budget(device: torch.device, max_memory: int | None) -> int:
+    """Bytes for one chunk: ``max_memory`` when given, else half the free memory of the device."""
+    if max_memory is not None:
+        return int(max_memory)
+    return int(free_bytes(device) * FREE_FRACTION)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
