@@ -1,8 +1,18 @@
 """Fused kernels for per-sample gradient norms, installed as ``gradnorm_engine.kernels``.
 
 Each kernel file holds the ``@triton.jit`` kernel, its launcher and a plain-torch reference.
-Every public function takes ``impl="auto" | "triton" | "torch"``.
+Every public function takes ``impl="auto" | "triton" | "torch"``: "auto" runs Triton on CUDA
+tensors and the reference on CPU.
 """
+from .conv2d_weight_grad import conv2d_weight_grad_sqnorm, conv2d_weight_grad_sqnorm_reference
+from .linear_weight_grad import linear_weight_grad_sqnorm, linear_weight_grad_sqnorm_reference
 from .per_sample_sumsq import per_sample_sumsq, per_sample_sumsq_reference
 
-__all__ = ["per_sample_sumsq", "per_sample_sumsq_reference"]
+__all__ = [
+    "conv2d_weight_grad_sqnorm",
+    "conv2d_weight_grad_sqnorm_reference",
+    "linear_weight_grad_sqnorm",
+    "linear_weight_grad_sqnorm_reference",
+    "per_sample_sumsq",
+    "per_sample_sumsq_reference",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks of every way to get per-sample gradient norms."""

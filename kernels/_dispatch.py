@@ -1,0 +1,64 @@
+"""Choosing between a Triton kernel and its torch reference, honestly.
+
+``impl="torch"`` always runs the reference. ``impl="auto"`` runs Triton when every tensor is on
+CUDA (and Triton imports), the reference otherwise. ``impl="triton"`` insists on the kernel: on
+CUDA tensors it compiles it; on CPU tensors it can only run through Triton's interpreter.
+
+Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` *decorates* a function (triton/runtime/
+jit.py: the decorator returns an ``InterpretedFunction`` when the knob is on), i.e. when this
+package is first imported. Setting the variable later changes nothing, so the check below asks
+the decorated kernel object what it is instead of reading the environment.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+
+try:  # Triton is optional: every public function still works through its torch reference.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    TRITON_AVAILABLE = True
+except Exception:  # pragma: no cover - depends on the installation
+    TRITON_AVAILABLE = False
+
+
+def is_interpreted(kernel) -> bool:
+    """True when ``kernel`` was decorated while TRITON_INTERPRET=1 (runs on CPU tensors)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def use_triton(impl: str, tensors: Sequence[torch.Tensor], kernel, name: str) -> bool:
+    """Resolve ``impl`` for ``name``: True to launch ``kernel``, False to run the reference.
+
+    Raises ValueError for an unknown ``impl`` and RuntimeError when ``impl="triton"`` cannot run.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if impl == "auto":
+        return TRITON_AVAILABLE and kernel is not None and on_cuda
+    # impl == "triton"
+    if not TRITON_AVAILABLE or kernel is None:
+        raise RuntimeError(f"{name}: impl='triton' needs the triton package; install it "
+                           "(pip install triton) or pass impl='torch'")
+    if on_cuda:
+        return True
+    if any(t.is_cuda for t in tensors):
+        raise RuntimeError(f"{name}: tensors are on different devices; move them to one device")
+    if not is_interpreted(kernel):
+        raise RuntimeError(
+            f"{name}: impl='triton' on CPU tensors runs only in Triton's interpreter, which is "
+            "chosen when the kernels are decorated: set TRITON_INTERPRET=1 before "
+            "gradnorm_engine is first imported, move the tensors to CUDA, or pass impl='torch'")
+    return True
+
+
+def accum_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64 (exactness checks rely on it), float32 otherwise."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
