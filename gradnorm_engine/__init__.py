@@ -5,6 +5,7 @@
     scores = score_pool(model, loader)            # [N], pool order
 """
 from .api import RankResult, rank_unlabeled, score_pool, top_k
+from .norms import register_norm_rule  # noqa: F401  (rules for new layer types)
 
 __version__ = "0.1.0"
 

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backends import Backend, resolve_backend
+from .distributed import rank_unlabeled_sharded, score_pool_sharded, use_sharding
 from .inputs import extract_input
 from .job import ScoringJob, eval_mode, make_job, on_device
 from .memory import is_out_of_memory
@@ -54,6 +55,7 @@ def score_pool(
     max_memory: int | None = None,
     chunk_size: int | None = None,
     progress: bool = True,
+    distributed: bool | None = None,
 ) -> torch.Tensor:
     """Every sample's gradient-norm score, in pool (loader) order.  -> [N]
 
@@ -65,26 +67,40 @@ def score_pool(
 
     The model runs in eval mode; its train/eval flags are restored afterwards and no
     parameter, buffer or ``.grad`` changes.
+
+    Under torch.distributed (an initialised default process group with more than one rank)
+    each rank scores one contiguous block of the pool and every rank returns all N scores;
+    ``distributed=False`` scores the whole pool on this process (see docs/distributed.md).
     """
     return _score(model, loader, score=score, norm=norm, backend=backend, params=params,
                   logits_fn=logits_fn, input_key=input_key, device=device, autocast=autocast,
-                  max_memory=max_memory, chunk_size=chunk_size, progress=progress)[0]
+                  max_memory=max_memory, chunk_size=chunk_size, progress=progress,
+                  distributed=distributed)[0]
 
 
-def rank_unlabeled(model: nn.Module, loader: Iterable, k: int, **options) -> RankResult:
+def rank_unlabeled(model: nn.Module, loader: Iterable, k: int, *, distributed: bool | None = None,
+                   **options) -> RankResult:
     """The ``k`` samples with the largest scores, highest first.  -> RankResult
 
     Takes every keyword option of ``score_pool``. Ties are broken by the lower pool position.
+    Under torch.distributed each rank ranks its own block and the per-rank top-k lists are
+    merged, so every rank returns the same, single-process answer.
     """
     _check_k(k)
-    scores, backend_name = _score(model, loader, **options)
+    if use_sharding(distributed):
+        return rank_unlabeled_sharded(model, loader, k, **options)
+    scores, backend_name = _score(model, loader, **options, distributed=False)
     return top_k(scores, k, backend=backend_name, norm=options.get("norm", "frobenius"))
 
 
 def _score(model, loader, *, score="entropy", norm="frobenius", backend="auto", params=None,
            logits_fn=None, input_key=None, device=None, autocast=None, max_memory=None,
-           chunk_size=None, progress=True) -> tuple[torch.Tensor, str]:
+           chunk_size=None, progress=True, distributed=None) -> tuple[torch.Tensor, str]:
     """score_pool's work; also says which backend ran."""
+    if use_sharding(distributed):
+        return score_pool_sharded(model, loader, score=score, norm=norm, backend=backend, params=params,
+                                  logits_fn=logits_fn, input_key=input_key, device=device, autocast=autocast,
+                                  max_memory=max_memory, chunk_size=chunk_size, progress=progress)
     check_norm(norm)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of samples, got {chunk_size}")

@@ -13,7 +13,11 @@ from .errors import UsageError
 
 # subcommand -> module under gradnorm_engine.commands
 COMMANDS = {
+    "demo": "demo",
     "rank": "rank",
+    "al": "al",
+    "report": "report",
+    "bench": "bench",
 }
 
 

@@ -66,10 +66,17 @@ class TrainStats:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto": CUDA when available, else CPU."""
+    """``None``/"auto": CUDA when available, else CPU. An unusable name -> UsageError."""
+    from .errors import UsageError
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device} asked for, but CUDA is not available here; use --device cpu")
+    return resolved
 
 
 def place_split(split: ImageTensors, device: torch.device) -> ImageTensors:
@@ -93,7 +100,7 @@ def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def _to_model_layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_model_layout(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
 
 
@@ -103,7 +110,8 @@ def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list
     order = torch.randperm(n, generator=generator)
     parts = list(order.split(batch_size))
     if len(parts) > 1 and parts[-1].numel() == 1:
-        parts[-2] = torch.cat([parts[-2], parts.pop()])
+        last = parts.pop()
+        parts[-1] = torch.cat([parts[-1], last])
     return parts
 
 
@@ -139,7 +147,7 @@ def train(model: nn.Module, data: ImageTensors, indices: torch.Tensor, config: T
         detach = config.detach_epoch is not None and epoch >= config.detach_epoch
         for batch in _batches(indices.numel(), config.batch_size, generator):
             x, y = data.batch(indices[batch], device, augment=True, generator=generator)
-            x = _to_model_layout(x, device)
+            x = to_model_layout(x, device)
             with autocast_for(device):
                 if taps is not None:
                     logits, features = taps(x)
@@ -188,7 +196,7 @@ def evaluate(model: nn.Module, data: ImageTensors, device: torch.device, *, num_
         for idx in torch.arange(len(data)).split(batch_size):
             x, y = data.batch(idx, device)
             with autocast_for(device):
-                pred = model(_to_model_layout(x, device)).argmax(dim=1)
+                pred = model(to_model_layout(x, device)).argmax(dim=1)
             y, pred = y.cpu(), pred.cpu()
             total += torch.bincount(y, minlength=k)
             correct += torch.bincount(y[pred == y], minlength=k)

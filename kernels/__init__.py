@@ -2,7 +2,9 @@
 
 Each kernel file holds the ``@triton.jit`` kernel, its launcher and a plain-torch reference.
 Every public function takes ``impl="auto" | "triton" | "torch"``: "auto" runs Triton on CUDA
-tensors and the reference on CPU.
+tensors and the reference on CPU; "triton" on CPU needs TRITON_INTERPRET=1 set before the first
+import (Triton's interpreter; how the tests run the kernels). ``python -m
+gradnorm_engine.kernels.compile_check`` compiles every kernel for a GPU target without a GPU.
 """
 from .conv2d_weight_grad import conv2d_weight_grad_sqnorm, conv2d_weight_grad_sqnorm_reference
 from .linear_weight_grad import linear_weight_grad_sqnorm, linear_weight_grad_sqnorm_reference

@@ -1,8 +1,9 @@
 """Choosing between a Triton kernel and its torch reference, honestly.
 
-``impl="torch"`` always runs the reference. ``impl="auto"`` runs Triton when every tensor is on
-CUDA (and Triton imports), the reference otherwise. ``impl="triton"`` insists on the kernel: on
-CUDA tensors it compiles it; on CPU tensors it can only run through Triton's interpreter.
+``impl="torch"`` always runs the reference. ``impl="auto"`` runs the compiled Triton kernel when
+every tensor is on CUDA, the reference otherwise (also when the kernels were decorated for the
+interpreter, a correctness tool far slower than the reference). ``impl="triton"`` insists on the
+kernel: on CUDA tensors it compiles it; on CPU tensors it runs only in Triton's interpreter.
 
 Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` *decorates* a function (triton/runtime/
 jit.py: the decorator returns an ``InterpretedFunction`` when the knob is on), i.e. when this
@@ -42,7 +43,7 @@ def use_triton(impl: str, tensors: Sequence[torch.Tensor], kernel, name: str) ->
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "auto":
-        return TRITON_AVAILABLE and kernel is not None and on_cuda
+        return TRITON_AVAILABLE and kernel is not None and on_cuda and not is_interpreted(kernel)
     # impl == "triton"
     if not TRITON_AVAILABLE or kernel is None:
         raise RuntimeError(f"{name}: impl='triton' needs the triton package; install it "

@@ -132,6 +132,9 @@ def _per_sample_sumsq_triton(tensors: list[torch.Tensor], per_tensor: bool) -> t
     batch = tensors[0].shape[0]
     device = tensors[0].device
     acc = _accum_dtype(tensors)
+    if batch == 0:
+        out = torch.zeros(0, len(tensors), dtype=acc, device=device)
+        return out if per_tensor else out.sum(dim=1)
     chunk = BLOCK * ITERS
     # Per tensor: (tensor kept alive, batch stride, element stride, entries per sample).
     layout = []
@@ -164,22 +167,30 @@ def _per_sample_sumsq_triton(tensors: list[torch.Tensor], per_tensor: bool) -> t
         launches.append((dtype, members, item_tensor, item_start, n_items))
         n_items += len(item_tensor)
 
-    def table(values):
-        return torch.tensor(values, dtype=torch.int64, device=device)
+    # Every index table goes to the device in one copy; the kernels get views into it.
+    host = []
+    for _dtype, members, item_tensor, item_start, _offset in launches:
+        for column in ([layout[i][0].data_ptr() for i in members], [layout[i][1] for i in members],
+                       [layout[i][2] for i in members], [layout[i][3] for i in members],
+                       item_tensor, item_start):
+            host.append(column)
+    host += [seg_start, seg_end]
+    flat = torch.tensor([v for column in host for v in column], dtype=torch.int64)
+    tables = iter(flat.to(device, non_blocking=True).split([len(column) for column in host]))
 
     partials = torch.empty(batch, n_items, dtype=acc, device=device)
     tl_acc = _TL_DTYPES[acc]
-    for dtype, members, item_tensor, item_start, offset in launches:
+    for dtype, _members, item_tensor, _item_start, offset in launches:
+        ptrs, batch_strides, elem_strides, numels, item_tensor_t, item_start_t = (next(tables) for _ in range(6))
+        if not item_tensor:  # only empty tensors of this dtype: nothing to read
+            continue
         _per_sample_sumsq_kernel[(len(item_tensor), batch)](
-            table([layout[i][0].data_ptr() for i in members]),
-            table([layout[i][1] for i in members]),
-            table([layout[i][2] for i in members]),
-            table([layout[i][3] for i in members]),
-            table(item_tensor), table(item_start),
+            ptrs, batch_strides, elem_strides, numels, item_tensor_t, item_start_t,
             partials, n_items, offset,
             DTYPE=_TL_DTYPES[dtype], ACC=tl_acc, BLOCK=BLOCK, ITERS=ITERS)
+    seg_start_t, seg_end_t = next(tables), next(tables)
     out = torch.empty(batch, len(tensors), dtype=acc, device=device)
-    _segment_sum_kernel[(batch, len(tensors))](partials, table(seg_start), table(seg_end), out,
+    _segment_sum_kernel[(batch, len(tensors))](partials, seg_start_t, seg_end_t, out,
                                                n_items, len(tensors), BLOCK=SEGMENT_BLOCK)
     return out if per_tensor else out.sum(dim=1)
 

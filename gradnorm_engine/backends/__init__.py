@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from ..job import ScoringJob
 from .base import Backend
+from .hooks import HooksBackend
 from .loop import LoopBackend
 from .vmap import VmapBackend
 
 BACKENDS: dict[str, type[Backend]] = {
+    "hooks": HooksBackend,
     "loop": LoopBackend,
     "vmap": VmapBackend,
 }

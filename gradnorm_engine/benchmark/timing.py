@@ -17,10 +17,11 @@ resident when it started (model, inputs):
   before them (tensors only, not the caching allocator's reserve);
 * CPU: the process's resident-set high-water mark (``VmHWM`` in ``/proc/self/status``), reset
   before the calls by writing ``5`` to ``/proc/self/clear_refs``, minus the resident set
-  (``VmRSS``) before them. Where the kernel refuses the reset, a background thread samples
-  ``VmRSS`` every millisecond instead. Both read RSS, so memory the allocator kept from earlier
-  work and reuses is not counted twice; they never use tracemalloc (which does not see
-  torch's allocations).
+  (``VmRSS``) before them; the C heap's free pages are handed back first (``malloc_trim``) so
+  that memory freed by earlier work is not reused unseen. Where the kernel refuses the reset, a
+  background thread samples ``VmRSS`` every millisecond instead. Never tracemalloc, which does
+  not see torch's allocations. An approximation still: heap fragmentation counts, and memory
+  freed and reused within the measured calls counts once.
 """
 from __future__ import annotations
 
@@ -114,6 +115,17 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``), so memory freed by
+    earlier work is not silently reused by the code being measured without raising the RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the measurement stays an approximation
+
+
 def _reset_rss_high_water() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -145,6 +157,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.method = "cuda_max_memory_allocated"
             return self
+        _release_free_heap()
         self._base_kib = _status_kib("VmRSS")
         if self._base_kib is None:
             return self

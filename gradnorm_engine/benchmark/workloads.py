@@ -8,8 +8,8 @@ Models:
   resnet18            gradnorm_engine.models.cifar_resnet18 (11.17M parameters), 3x32x32 images
   mobilenet_v3_small  torchvision.models.mobilenet_v3_small(weights=None) (2.54M), 3x224x224
   transformer         gradnorm_engine.models.small_transformer at a realistic size: vocabulary
-                      8000, width 256, 8 heads, 4 blocks, 128 tokens (3.3M parameters)
-  small_cnn           gradnorm_engine.models.small_cnn on 3x32x32 (the pool-scaling model)
+                      8000, width 256, 8 heads, 4 blocks, 128 tokens (4.19M parameters)
+  small_cnn           gradnorm_engine.models.small_cnn on 3x32x32 (5.5k parameters; pool scaling)
 
 Inputs are never zeros: images are standard normal (what normalised photographs look like to
 the first layer), token ids uniform over the vocabulary.

@@ -1,0 +1,105 @@
+"""CPU throughput of the hooks backend on CIFAR ResNet-18 (fp32, eval BatchNorm).
+
+    python bench/hooks_cpu.py [--batch 32] [--threads 2] [--repeats 7] [--loop-samples 8]
+
+Compares, in one process and interleaved round by round (so that load from other processes
+hits every method alike):
+  fwd+bwd  one batched forward + backward of the summed entropy w.r.t. all parameters
+           (a training step without the optimizer)
+  hooks    HooksBackend.sqnorms: exact per-sample squared norms of every parameter tensor
+  loop     the per-sample reference (one forward + backward per sample), on fewer samples
+Prints samples/s (median and best round) and the ratios the targets refer to.
+
+On a machine shared with other jobs, wall time swings from round to round; the best round
+approximates an idle machine, and CPU time (process_time, all threads) counts the work done
+whatever the load, so both are reported. OMP_WAIT_POLICY=PASSIVE keeps idle OpenMP threads from
+spinning, which would bill waiting as CPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from gradnorm_engine.backends.hooks import HooksBackend
+from gradnorm_engine.backends.loop import LoopBackend
+from gradnorm_engine.job import eval_mode, make_job
+from gradnorm_engine.models import cifar_resnet18
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process over all its threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--loop-samples", type=int, default=8)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = cifar_resnet18()
+    x = torch.randn(args.batch, 3, 32, 32)
+    job = make_job(model, score="entropy", params=None, logits_fn=None, device="cpu", autocast=None,
+                   max_memory=None)
+    params = [p for _, p in job.params]
+    load_before = os.getloadavg()
+
+    with eval_mode(model), torch.enable_grad():
+        hooks = HooksBackend(job)
+        loop = LoopBackend(job)
+
+        def fwd_bwd():
+            torch.autograd.grad(job.losses(x).sum(), params)
+
+        def run_hooks():
+            hooks.sqnorms(x)
+
+        def run_loop():
+            loop.sqnorms(x[: args.loop_samples])
+
+        for fn in (fwd_bwd, run_hooks, run_loop):  # warm-up outside the clock
+            fn()
+        times = {"fwd+bwd": [], "hooks": [], "loop": []}
+        for r in range(args.repeats):
+            times["fwd+bwd"].append(timed(fwd_bwd))
+            times["hooks"].append(timed(run_hooks))
+            if r < 3:
+                times["loop"].append(timed(run_loop))
+    load_after = os.getloadavg()
+
+    samples = {"fwd+bwd": args.batch, "hooks": args.batch, "loop": args.loop_samples}
+    rate = {k: (samples[k] / statistics.median(w for w, _ in v), samples[k] / min(w for w, _ in v),
+                samples[k] / statistics.median(c for _, c in v)) for k, v in times.items()}
+    print(f"# hooks backend, CPU ({args.threads} threads), CIFAR ResNet-18 fp32, batch {args.batch}")
+    print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
+          f"os.cpu_count()={os.cpu_count()}, load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f}")
+    print()
+    print("| method | samples/s wall (median) | samples/s wall (best round) | samples per CPU-second (median) | rounds |")
+    print("|---|---|---|---|---|")
+    for k, (med, best, cpu) in rate.items():
+        print(f"| {k} | {med:.1f} | {best:.1f} | {cpu:.1f} | {len(times[k])} |")
+    print()
+    for other, target in (("fwd+bwd", "0.9x"), ("loop", "10x")):
+        r = [rate["hooks"][i] / rate[other][i] for i in range(3)]
+        print(f"hooks / {other}: {r[0]:.2f}x wall median, {r[1]:.2f}x wall best, {r[2]:.2f}x CPU time "
+              f"(target >= {target})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,328 @@
+"""Per-sample gradient norms from one batched forward and one backward to the layer outputs.
+
+    engine = HooksBackend(job); engine.sqnorms(x)   # x [B, ...] -> [B, P]
+
+1. Forward hooks on every layer with a norm rule (gradnorm_engine.norms) save the layer's
+   inputs and register a tensor hook on its output *before* anything downstream can modify it
+   in place (PyTorch hands such a hook the gradient of the value the layer returned).
+2. One ``torch.autograd.grad`` of the summed loss asks only for gradients w.r.t. layer outputs:
+   no parameter gradient is ever formed. As the backward reaches each layer, its tensor hook
+   runs the layer's rule on (saved inputs, d L / d output), adds the per-sample squared norms to
+   the result and drops the saved inputs.
+3. Exactness for any model: a measured parameter is left to the rules only when one module owns
+   it, that module ran exactly once, it has a rule, and the autograd graph shows exactly one
+   use of the parameter. Everything else (bare parameters, layers without a rule, tied weights,
+   a layer applied twice, weights read outside their module's forward) is scored by the exact
+   fallback, ``vmap(grad)`` over just those parameters (or the per-sample loop when vmap cannot
+   run the model), so per-sample gradients of a shared parameter are summed before the norm.
+
+The model must treat the samples of a batch independently (eval mode; BatchNorm with running
+statistics) and see the batch on dim 0 of every layer input, as every layer in torch.nn
+does with batch_first data.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+
+import torch
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from ..memory import chunk_budget
+from ..norms import find_norm_rule
+from .base import Backend
+from .loop import LoopBackend
+from .vmap import VmapBackend
+
+# Bytes per activation entry of one sample while a chunk runs: the forward's saved activations,
+# the inputs the hooks keep, the output gradients in flight and the rules' temporaries.
+ACTIVATION_COPIES = 6
+MAX_CHUNK = 512
+
+
+class _Call:
+    """One call of a hooked layer in the current forward."""
+
+    __slots__ = ("module", "inputs", "node", "edge", "active")
+
+    def __init__(self, module: nn.Module, inputs: tuple, edge):
+        self.module = module
+        self.inputs: tuple | None = inputs
+        self.edge = edge              # GradientEdge of the output, taken before any in-place op
+        self.node = edge.node
+        self.active = False           # set after the forward when the rule may score this call
+
+
+class HooksBackend(Backend):
+    name = "hooks"
+
+    def __init__(self, job):
+        super().__init__(job)
+        model = job.model
+        self.columns = {id(p): j for j, (_, p) in enumerate(job.params)}
+        self.param_names = {id(p): n for n, p in job.params}
+        owners: dict[int, list[nn.Module]] = {}
+        for m in model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), []).append(m)
+        # Layers whose rule may score some measured parameter: owned by this layer alone.
+        self.ruled: list[tuple[nn.Module, object, list[nn.Parameter]]] = []
+        for m in model.modules():
+            rule = find_norm_rule(m)
+            mine = [p for p in m._parameters.values()
+                    if p is not None and id(p) in self.columns and len(owners[id(p)]) == 1]
+            if rule is not None and mine:
+                self.ruled.append((m, rule, mine))
+        self._fallbacks: dict[tuple[str, ...], Backend] = {}
+        self.last_fallback: tuple[str, ...] = ()   # names scored by the fallback in the last chunk
+
+    @classmethod
+    def supports(cls, job) -> bool:
+        """False only where one batched backward cannot give per-sample gradients: a BatchNorm
+        that normalises with batch statistics (training mode or no running statistics) mixes
+        the samples, and TorchScript modules take no Python hooks."""
+        if isinstance(job.model, torch.jit.ScriptModule):
+            return False
+        for m in job.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+                return False
+        return True
+
+    def chunk_size(self, example: torch.Tensor) -> int:
+        if self.job.options.get("chunk_size"):
+            return int(self.job.options["chunk_size"])
+        job = self.job
+        itemsize = torch.finfo(job.accum_dtype).bits // 8
+        act = _activation_elems(job.model, example, job)
+        # A materialising rule holds one per-sample weight gradient on CPU (the reference kernels).
+        widest = max((p.numel() for _, _, ps in self.ruled for p in ps), default=0)
+        per_sample = itemsize * (ACTIVATION_COPIES * act + widest)
+        return max(1, min(MAX_CHUNK, chunk_budget(job.device, job.max_memory) // per_sample))
+
+    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+        job = self.job
+        out = torch.zeros(x.shape[0], len(job.params), dtype=job.accum_dtype, device=x.device)
+        with _measure_only(job):
+            calls = self._forward_and_backward(x, out)
+            fallback = [(n, p) for n, p in job.params if id(p) in calls]
+            self.last_fallback = tuple(n for n, _ in fallback)
+            if fallback:
+                cols = [self.columns[id(p)] for _, p in fallback]
+                out[:, cols] = self._fallback(fallback).sqnorms(x).to(out.dtype)
+        return out
+
+    def _forward_and_backward(self, x: torch.Tensor, out: torch.Tensor) -> set[int]:
+        """Fill ``out`` with every rule-scored column; return the ids of measured parameters
+        that need the fallback."""
+        job = self.job
+        calls: list[_Call] = []
+        missed: set[int] = set()   # parameters a rule did not return: they go to the fallback
+        handles = []
+        try:
+            for module, rule, mine in self.ruled:
+                handles.append(module.register_forward_hook(
+                    self._recorder(module, rule, mine, calls, out, missed, x.shape[0])))
+            loss = job.losses(x).sum()
+        finally:
+            for h in handles:
+                h.remove()
+        if not loss.requires_grad:
+            return set()  # no measured parameter reaches the loss: every norm is 0
+
+        fired: dict[nn.Module, int] = {}
+        for c in calls:
+            fired[c.module] = fired.get(c.module, 0) + 1
+        single = {c.node for c in calls if fired[c.module] == 1}
+        uses, reachable, above_another = _graph_facts(loss.grad_fn, {c.node for c in calls}, single)
+        covered: set[int] = set()
+        for module, _, mine in self.ruled:
+            if fired.get(module) == 1:
+                covered.update(id(p) for p in mine if uses.get(id(p), 0) == 1)
+        for c in calls:
+            c.active = c.node in single and c.node in reachable
+        # Capture only the outputs nearest the input: the backward to them passes through every
+        # other active layer output, whose tensor hooks then fire on the way.
+        edges = [c.edge for c in calls if c.active and c.node not in above_another]
+        try:
+            if edges:
+                torch.autograd.grad(loss, edges, allow_unused=True)
+        finally:
+            for c in calls:
+                c.inputs = None
+        covered -= missed
+        return {id(p) for _, p in job.params if uses.get(id(p), 0) > 0 and id(p) not in covered}
+
+    def _recorder(self, module, rule, mine, calls: list, out: torch.Tensor, missed: set, batch: int):
+        columns = self.columns
+
+        def on_forward(_module, inputs, output):
+            # A call the rule cannot read (no grad, keyword-only input, samples folded into
+            # other dims as in x.view(-1, d)) is not recorded: the module's parameters then
+            # go to the fallback.
+            if not isinstance(output, torch.Tensor) or not output.requires_grad or not inputs \
+                    or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0 \
+                    or inputs[0].shape[0] != batch or output.dim() == 0 or output.shape[0] != batch:
+                return
+            call = _Call(module, inputs, get_gradient_edge(output))
+            calls.append(call)
+
+            def on_grad(grad: torch.Tensor) -> None:
+                if not call.active or call.inputs is None:
+                    return
+                norms = {id(p): v for p, v in rule(module, call.inputs, (grad,)).items()}
+                call.inputs = None  # nothing is kept past its layer
+                for p in mine:
+                    if id(p) in norms:
+                        out[:, columns[id(p)]] += norms[id(p)].to(out.dtype)
+                    else:
+                        missed.add(id(p))
+
+            output.register_hook(on_grad)
+
+        return on_forward
+
+    def _fallback(self, params: list[tuple[str, nn.Parameter]]) -> Backend:
+        key = tuple(n for n, _ in params)
+        engine = self._fallbacks.get(key)
+        if engine is None:
+            engine = _ExactFallback(dataclasses.replace(self.job, params=params))
+            self._fallbacks[key] = engine
+        return engine
+
+    def close(self) -> None:
+        for engine in self._fallbacks.values():
+            engine.close()
+        self._fallbacks.clear()
+
+
+class _ExactFallback(Backend):
+    """vmap(grad) over a few parameters; the per-sample loop if vmap cannot run the model."""
+
+    name = "hooks-fallback"
+
+    def __init__(self, job):
+        super().__init__(job)
+        self.engine: Backend = VmapBackend(job)
+
+    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.engine, VmapBackend):
+            try:
+                return self.engine.sqnorms(x)
+            except Exception as err:  # noqa: BLE001 - any vmap limitation; OOM goes up to halve the chunk
+                from ..memory import is_out_of_memory
+                if is_out_of_memory(err):
+                    raise
+                self.engine = LoopBackend(self.job)
+        return self.engine.sqnorms(x)
+
+
+def _graph_facts(root, hooked: set, candidates: set):
+    """Walk the autograd graph from ``root`` once.
+
+    hooked: the output nodes of every recorded layer call; candidates: those whose rule will
+    run. Returns (uses, reachable, above_another):
+      uses[id(param)]  how many times the forward used each leaf parameter. Edges into its
+                       AccumulateGrad count one each, except that a single-input node (a cast,
+                       a transpose) that is not a layer output passes on the count of its own
+                       consumers, so autocast's cached weight cast used twice counts twice.
+      reachable        the hooked nodes the loss reaches.
+      above_another    the candidate nodes with another candidate node somewhere below them.
+    """
+    parents: dict = {root: []}
+    children: dict = {}
+    order = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        order.append(node)
+        kids = [nxt for nxt, _ in node.next_functions if nxt is not None]
+        children[node] = kids
+        for nxt in kids:
+            if nxt not in parents:
+                parents[nxt] = []
+                stack.append(nxt)
+            parents[nxt].append(node)
+
+    through: dict = {}
+
+    def uses_through(node) -> int:
+        if node in through:
+            return through[node]
+        if node is root or node in hooked or len(children[node]) != 1:
+            count = 1
+        else:
+            count = sum(uses_through(p) for p in parents[node])
+        through[node] = count
+        return count
+
+    uses: dict[int, int] = {}
+    for node in order:
+        variable = getattr(node, "variable", None)
+        if variable is not None and type(node).__name__ == "AccumulateGrad":
+            uses[id(variable)] = uses.get(id(variable), 0) + sum(uses_through(p) for p in parents[node])
+
+    # Whether a candidate lies below each node, children before parents.
+    has_below: dict = {}
+    for node in _topological(root, children):
+        has_below[node] = any(kid in candidates or has_below[kid] for kid in children[node])
+    above_another = {n for n in candidates if has_below.get(n, False)}
+    reachable = {n for n in hooked if n in parents}
+    return uses, reachable, above_another
+
+
+def _topological(root, children) -> list:
+    """Nodes so that every node comes after all nodes below it (children first)."""
+    seen, result = set(), []
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            result.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        for kid in children[node]:
+            if kid not in seen:
+                stack.append((kid, False))
+    return result
+
+
+@contextlib.contextmanager
+def _measure_only(job):
+    """Let autograd track exactly the measured parameters for the run (restored afterwards):
+    frozen parameters build no graph, and a measured parameter with requires_grad=False is
+    still measured, as in the vmap backend."""
+    measured = {id(p) for _, p in job.params}
+    flags = [(p, p.requires_grad) for p in job.model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in measured)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _activation_elems(model: nn.Module, example: torch.Tensor, job) -> int:
+    """Entries of every module output for one sample: a proxy of the activation memory."""
+    total = 0
+
+    def count(_m, _inp, out):
+        nonlocal total
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad(), job.autocast_context():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total, math.prod(example.shape))

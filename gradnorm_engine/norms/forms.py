@@ -1,0 +1,54 @@
+"""The two exact forms of a per-sample weight-gradient norm, and the cost model choosing one.
+
+For a layer out = a @ W^T applied at T positions (tokens, or conv output pixels with a_t the
+input patch), sample b's weight gradient is G_b = sum_t g_t a_t^T  (p x d), and
+
+    materialise:  ||G_b||^2 = sum_{o,k} (sum_t g_{t,o} a_{t,k})^2          cost ~ T * p * d
+    Gram (ghost): ||G_b||^2 = sum_{t,t'} (a_t . a_t') (g_t . g_t')         cost ~ T^2 * (p + d)
+
+Both are exact; the cheaper one is chosen per layer and per batch shape. Materialisation runs
+the fused kernel (``gradnorm_engine.kernels.linear_weight_grad_sqnorm``), which never keeps
+G_b in memory on CUDA.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import linear_weight_grad_sqnorm
+from .registry import accum_dtype
+
+FORMS = ("auto", "materialise", "gram")
+
+
+def prefer_gram(positions: int, out_features: int, in_features: int) -> bool:
+    """True when the Gram form is cheaper: T^2 (p + d) < T p d."""
+    return positions * (out_features + in_features) < out_features * in_features
+
+
+def gram_sqnorm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum_{t,t'} (a_t . a_t')(g_t . g_t') per row.  a [N, T, d], g [N, T, p] -> [N]
+
+    Computed in float32 (float64 for float64 input) from the two T x T Gram matrices.
+    """
+    acc = accum_dtype(a, g)
+    a, g = a.to(acc), g.to(acc)
+    gram_a = torch.bmm(a, a.transpose(1, 2))    # (N, T, T)
+    gram_g = torch.bmm(g, g.transpose(1, 2))    # (N, T, T)
+    return (gram_a * gram_g).sum(dim=(1, 2))
+
+
+def weight_sqnorm(a: torch.Tensor, g: torch.Tensor, form: str = "auto") -> torch.Tensor:
+    """||sum_t g_t a_t^T||^2 per row by the cheaper exact form.  a [N, T, d], g [N, T, p] -> [N]
+
+    With T == 1 the gradient is rank one and ||G||^2 = ||a||^2 ||g||^2.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    acc = accum_dtype(a, g)
+    n, t, d = a.shape
+    p = g.shape[2]
+    if t == 1 and form == "auto":
+        return a.to(acc).pow(2).sum(dim=(1, 2)) * g.to(acc).pow(2).sum(dim=(1, 2))
+    if form == "gram" or (form == "auto" and prefer_gram(t, p, d)):
+        return gram_sqnorm(a, g)
+    return linear_weight_grad_sqnorm(a, g).to(acc)

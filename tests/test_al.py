@@ -1,0 +1,193 @@
+"""The active-learning loop: records, resume after a kill, and the bookkeeping invariants."""
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from gradnorm_engine.al import (ALConfig, apply_query, check_partition, checkpoint_path, draw_subset, initial_split,
+                                read_results, run_active_learning)
+from gradnorm_engine.datasets import load_digits
+from gradnorm_engine.errors import UsageError
+from gradnorm_engine.presets import Preset
+from gradnorm_engine.strategies import STRATEGIES
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one torch thread is about as fast as two on an idle machine and far
+    faster when other processes share the cores (no OpenMP spin-waiting)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+TINY = Preset(initial=20, budget=10, subset=40, cycles=2, trials=1, epochs=1, lr=0.05, milestones=(), batch_size=16,
+              width=4)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def _config(out, strategies, preset=TINY, **kw):
+    return ALConfig(dataset="digits", strategies=list(strategies), preset=preset, out=str(out), device="cpu",
+                    progress=False, **kw)
+
+
+def _check_records(records, preset, pool_size):
+    """Labeled sizes grow by budget, queried sets are disjoint from each other and the initial set."""
+    by_run = {}
+    for r in records:
+        by_run.setdefault((r["strategy"], r["trial"]), []).append(r)
+    for rs in by_run.values():
+        assert [r["cycle"] for r in rs] == list(range(1, len(rs) + 1))
+        assert [r["labeled"] for r in rs] == [preset.initial + preset.budget * i for i in range(len(rs))]
+        seen = set(rs[0]["initial_indices"])
+        assert len(seen) == preset.initial
+        for r in rs:
+            q = r["queried"]
+            assert len(q) == len(set(q)) == preset.budget
+            assert not seen & set(q), "an index was queried twice or was already labeled"
+            assert all(0 <= i < pool_size for i in q)
+            seen |= set(q)
+            assert 0.0 <= r["test_acc"] <= 100.0 and len(r["per_class_acc"]) == 10
+            assert r["train_s"] >= 0 and r["query_s"] >= 0
+
+
+def test_two_cycles_of_every_strategy_on_digits(tmp_path, digits):
+    records = run_active_learning(_config(tmp_path, STRATEGIES), data=digits, log=None)
+    assert len(records) == 2 * len(STRATEGIES)
+    assert {r["strategy"] for r in records} == set(STRATEGIES)
+    _check_records(records, TINY, len(digits.train))
+    assert read_results(str(tmp_path)) == json.loads(json.dumps(records))
+    # a trial's strategies start from the same labeled set
+    assert len({tuple(r["initial_indices"]) for r in records if r["cycle"] == 1}) == 1
+    # ... and the same weights and random streams: cross-entropy-only strategies train identically
+    first = {r["strategy"]: r["test_acc"] for r in records if r["cycle"] == 1}
+    assert len({first[s] for s in ("ent-gradnorm", "entropy", "coreset", "random")}) == 1
+    gradnorm = [r for r in records if r["strategy"] in ("lplgrad", "ent-gradnorm")]
+    assert all(r["norm"] == "tensor_sum" and r["backend"] for r in gradnorm)
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["initial"] == 20 and saved["norm"] == "tensor_sum"
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at(event, cycle):
+    def hook(e, info):
+        if e == event and info["cycle"] == cycle:
+            raise Killed(f"{e} {info}")
+    return hook
+
+
+@pytest.mark.parametrize("event", ["trained", "saved"])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, digits, event):
+    preset = Preset(**{**TINY.__dict__, "cycles": 3})
+    strategies = ["lplgrad", "random"]
+    whole = run_active_learning(_config(tmp_path / "whole", strategies, preset), data=digits, log=None)
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run_active_learning(_config(out, strategies, preset), data=digits, log=None, hook=_kill_at(event, 2))
+    before = read_results(str(out))
+    # results.jsonl is written after the checkpoint: it holds cycle 1 either way, while a kill
+    # after the checkpoint keeps cycle 2 in the checkpoint (and resume rebuilds the results from it)
+    assert [(r["strategy"], r["cycle"]) for r in before] == [("lplgrad", 1)]
+    done = 2 if event == "saved" else 1
+    state = torch.load(checkpoint_path(str(out), "lplgrad", 1), weights_only=False)
+    assert state["cycle"] == done
+    check_partition(state["labeled"], state["unlabeled"], len(digits.train))
+
+    resumed = run_active_learning(_config(out, strategies, preset, resume=True), data=digits, log=None)
+    assert len(resumed) == len(whole) == 6
+    for a, b in zip(resumed, whole):
+        assert (a["strategy"], a["cycle"], a["labeled"], a["queried"]) == (b["strategy"], b["cycle"], b["labeled"], b["queried"])
+        assert a["test_acc"] == pytest.approx(b["test_acc"])
+    _check_records(resumed, preset, len(digits.train))
+
+
+def test_resume_with_more_cycles_continues_after_the_last_query(tmp_path, digits):
+    run_active_learning(_config(tmp_path, ["entropy"]), data=digits, log=None)
+    longer = Preset(**{**TINY.__dict__, "cycles": 3})
+    records = run_active_learning(_config(tmp_path, ["entropy"], longer, resume=True), data=digits, log=None)
+    assert [r["labeled"] for r in records] == [20, 30, 40]
+    _check_records(records, longer, len(digits.train))
+    # nothing left to do: a second resume changes nothing
+    again = run_active_learning(_config(tmp_path, ["entropy"], longer, resume=True), data=digits, log=None)
+    assert again == records
+
+
+def test_existing_run_needs_resume_and_matching_settings(tmp_path, digits):
+    run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
+    with pytest.raises(UsageError, match="--resume"):
+        run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
+    other = Preset(**{**TINY.__dict__, "budget": 5})
+    with pytest.raises(UsageError, match="budget"):
+        run_active_learning(_config(tmp_path, ["random"], other, resume=True), data=digits, log=None)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"budget": 50}, "larger than --subset"),
+    ({"subset": 2000}, "larger than the unlabeled pool"),
+    ({"initial": 1}, "at least 2"),
+    ({"cycles": 0}, "at least 1"),
+])
+def test_bad_protocols_are_usage_errors(tmp_path, digits, change, message):
+    preset = Preset(**{**TINY.__dict__, **change})
+    with pytest.raises(UsageError, match=message):
+        run_active_learning(_config(tmp_path, ["random"], preset), data=digits, log=None)
+
+
+def test_unknown_strategy_is_a_usage_error(tmp_path, digits):
+    with pytest.raises(UsageError, match="unknown strategy 'badge'"):
+        run_active_learning(_config(tmp_path, ["random", "badge"]), data=digits, log=None)
+
+
+# ---- bookkeeping invariants, as properties ------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 200), st.data())
+def test_query_sequences_keep_the_pool_partitioned(pool_size, data):
+    initial = data.draw(st.integers(1, pool_size - 1))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    labeled, unlabeled = initial_split(pool_size, initial, g)
+    check_partition(labeled, unlabeled, pool_size)
+    queried = []
+    while unlabeled.numel():
+        subset = draw_subset(unlabeled, data.draw(st.integers(1, unlabeled.numel() + 3)), g)
+        assert subset.unique().numel() == subset.numel() and torch.isin(subset, unlabeled).all()
+        budget = data.draw(st.integers(1, subset.numel()))
+        picked = subset[torch.randperm(subset.numel(), generator=g)[:budget]]
+        labeled, unlabeled = apply_query(labeled, unlabeled, picked)
+        check_partition(labeled, unlabeled, pool_size)
+        assert not torch.isin(picked, unlabeled).any()
+        queried += picked.tolist()
+    assert len(queried) == len(set(queried)) == pool_size - initial
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(3, 60), st.data())
+def test_bad_picks_are_refused_and_change_nothing(pool_size, data):
+    g = torch.Generator().manual_seed(0)
+    labeled, unlabeled = initial_split(pool_size, data.draw(st.integers(1, pool_size - 2)), g)
+    bad = data.draw(st.sampled_from(["repeat", "labeled", "outside"]))
+    if bad == "repeat":
+        picked = torch.stack([unlabeled[0], unlabeled[0]])
+    elif bad == "labeled":
+        picked = labeled[:1]
+    else:
+        picked = torch.tensor([pool_size + data.draw(st.integers(0, 5))])
+    with pytest.raises(RuntimeError):
+        apply_query(labeled, unlabeled, picked)
+
+
+def test_checkpoints_and_results_are_written_atomically(tmp_path, digits):
+    run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
+    leftovers = [n for root, _, names in os.walk(tmp_path) for n in names if n.startswith(".tmp-")]
+    assert leftovers == []

@@ -1,0 +1,53 @@
+"""Reports from results.jsonl: table values (mean +- std by hand), figures and summary written."""
+import json
+
+import pytest
+
+from gradnorm_engine.report import accuracy_table, mean_std, per_class_means, time_table, write_report
+
+
+def _records():
+    rows = []
+    for trial, accs in [(1, [50.0, 70.0]), (2, [54.0, 74.0])]:
+        for cycle, acc in enumerate(accs, 1):
+            rows.append({"strategy": "lplgrad", "trial": trial, "cycle": cycle, "labeled": 100 * cycle,
+                         "test_acc": acc, "per_class_acc": [acc - 1, acc + 1, None], "train_s": 2.0, "query_s": 0.5,
+                         "queried": [], "dataset": "digits"})
+            rows.append({"strategy": "random", "trial": trial, "cycle": cycle, "labeled": 100 * cycle,
+                         "test_acc": acc - 4, "per_class_acc": [acc, acc, acc], "train_s": 1.0, "query_s": 0.0,
+                         "queried": [], "dataset": "digits"})
+    return rows
+
+
+def test_mean_std_uses_the_sample_std():
+    assert mean_std([50.0, 54.0]) == pytest.approx((52.0, 2.8284271))
+    assert mean_std([3.0]) == (3.0, 0.0)
+
+
+def test_accuracy_table_by_hand():
+    md = accuracy_table(_records())
+    lines = md.splitlines()
+    assert lines[0] == "| strategy (trials) | 100 | 200 |"
+    assert lines[2] == "| lplgrad (2) | 52.0 ± 2.8 | 72.0 ± 2.8 |"
+    assert lines[3] == "| random (2) | 48.0 ± 2.8 | 68.0 ± 2.8 |"
+    text = accuracy_table(_records(), fmt="text")
+    assert "52.0 +- 2.8" in text and "random (2)" in text
+
+
+def test_time_table_and_per_class():
+    assert "| lplgrad | 2.00 | 0.50 | 5.0 |" in time_table(_records())
+    means = per_class_means(_records(), 200)
+    assert means["lplgrad"][:2] == [71.0, 73.0]
+    assert means["lplgrad"][2] != means["lplgrad"][2]  # NaN: no test sample of that class
+
+
+def test_write_report_writes_figures_and_summary(tmp_path):
+    with open(tmp_path / "results.jsonl", "w") as f:
+        for r in _records():
+            f.write(json.dumps(r) + "\n")
+    paths = write_report(str(tmp_path))
+    for key in ("curves", "times", "per_class", "summary"):
+        assert (tmp_path / paths[key].split("/")[-1]).stat().st_size > 0
+    assert open(paths["curves"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    summary = open(paths["summary"]).read()
+    assert "| lplgrad (2) | 52.0 ± 2.8 | 72.0 ± 2.8 |" in summary and "![learning curves](curves.png)" in summary
