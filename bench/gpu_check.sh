@@ -2,17 +2,20 @@
 # The whole GPU measurement of the benchmark suite in one go: about 4 minutes on an H100/H200.
 #
 #   bash bench/gpu_check.sh                 # from the repository root, on the GPU machine
-#   BENCH_SMOKE=1 BENCH_DEVICE=cpu bash bench/gpu_check.sh   # the same steps, tiny, on a CPU
+#   BENCH_SMOKE=1 BENCH_DEVICE=cpu BENCH_EXTRA_ARGS="--threads 1" bash bench/gpu_check.sh
+#                                           # the same steps, tiny, on a CPU (plumbing check)
 #
 # Steps (each under its own time limit, so one failure or stall never costs the rest):
 #   1. CIFAR ResNet-18 fp32, batch 256: every method; engine backends at chunks 64..512
 #   2. pool-size scaling: rank_unlabeled on 10k, 100k, 1M synthetic samples (small CNN)
 #   3. CIFAR ResNet-18 bf16 and 4. tf32, batch 256
 #   5. MobileNetV3-small fp32 (224 px), batch 128;  6. the small transformer fp32, batch 128
+#   7. the scaling of step 2 with backend="vmap", for contrast
 #
 # Writes into $OUT (default bench/results/gpu-run), at most 8 files: summary.md (every table
 # with the command that produced it: paste it into bench/results/<card>.md), resnet18-fp32.json
-# and .png, scaling.json, all.tar.gz (every JSON, plot, markdown and log), log.txt.
+# and .png, scaling.json, scaling-vmap.json, all.tar.gz (every JSON, plot, markdown and log),
+# log.txt.
 #
 # Needs python3 with a CUDA torch; no network and nothing to build: the package runs from this
 # checkout, staged into a scratch folder with kernels/ as gradnorm_engine.kernels (the installed
@@ -29,6 +32,7 @@ STAGE=$(mktemp -d)
 mkdir -p "$OUT"
 LOG="$WORK/log.txt"
 BUDGET_S=${BENCH_BUDGET_S:-330}   # hard cap for all steps together
+EXTRA=${BENCH_EXTRA_ARGS:-}       # appended to every bench command
 
 cp -r gradnorm_engine "$STAGE/"
 rm -rf "$STAGE/gradnorm_engine/kernels"
@@ -69,7 +73,7 @@ step() {  # step NAME LIMIT_S ARGS...: one bench invocation with its own time li
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$PY" -m gradnorm_engine.cli bench --device "$DEVICE" "$@" \
+  timeout --kill-after=10 "$limit" "$PY" -m gradnorm_engine.cli bench --device "$DEVICE" "$@" $EXTRA \
     --json "$WORK/$name.json" --markdown "$WORK/$name.md" >>"$LOG" 2>&1
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
@@ -82,6 +86,7 @@ step resnet18-bf16 45 --model resnet18 --dtype bf16 $B256 $R18
 step resnet18-tf32 45 --model resnet18 --dtype tf32 $B256 $R18
 step mobilenet-fp32 50 --model mobilenet_v3_small --dtype fp32 $B128 $SMALL
 step transformer-fp32 45 --model transformer --dtype fp32 $B128 $SMALL
+step scaling-vmap 45 --no-methods --scaling $POOLS --scaling-model small_cnn --scaling-backend vmap --dtype fp32
 echo "== all steps: $((SECONDS - START))s" | tee -a "$LOG"
 
 {
@@ -89,13 +94,13 @@ echo "== all steps: $((SECONDS - START))s" | tee -a "$LOG"
   echo
   echo "Produced by \`bash bench/gpu_check.sh\` ($(date -u '+%Y-%m-%d %H:%M UTC')); each section names its command."
   echo
-  for name in resnet18-fp32 scaling resnet18-bf16 resnet18-tf32 mobilenet-fp32 transformer-fp32; do
+  for name in resnet18-fp32 scaling resnet18-bf16 resnet18-tf32 mobilenet-fp32 transformer-fp32 scaling-vmap; do
     if [ -f "$WORK/$name.md" ]; then cat "$WORK/$name.md"; else echo "## $name: no result (see log.txt)"; echo; fi
   done
 } >"$WORK/summary.md"
 
 cp "$WORK/summary.md" "$LOG" "$OUT/"
-for f in resnet18-fp32.json resnet18-fp32.png scaling.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
+for f in resnet18-fp32.json resnet18-fp32.png scaling.json scaling-vmap.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
 tar czf "$OUT/all.tar.gz" -C "$WORK" .
 rm -rf "$STAGE"
 echo

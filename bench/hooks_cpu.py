@@ -1,6 +1,7 @@
-"""CPU throughput of the hooks backend on CIFAR ResNet-18 (fp32, eval BatchNorm).
+"""Throughput of the hooks backend on CIFAR ResNet-18 (CPU by default, --device cuda on a GPU).
 
     python bench/hooks_cpu.py [--batch 32] [--threads 2] [--repeats 7] [--loop-samples 8]
+    python bench/hooks_cpu.py --device cuda --batch 256 [--autocast bf16] [--channels-last]
 
 Compares, in one process and interleaved round by round (so that load from other processes
 hits every method alike):
@@ -19,26 +20,32 @@ from __future__ import annotations
 
 import argparse
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
 import platform
 import statistics
 import sys
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
 
-from gradnorm_engine.backends.hooks import HooksBackend
-from gradnorm_engine.backends.loop import LoopBackend
-from gradnorm_engine.job import eval_mode, make_job
-from gradnorm_engine.models import cifar_resnet18
+import torch  # noqa: E402
+
+from gradnorm_engine.backends.hooks import HooksBackend  # noqa: E402
+from gradnorm_engine.backends.loop import LoopBackend  # noqa: E402
+from gradnorm_engine.job import eval_mode, make_job  # noqa: E402
+from gradnorm_engine.models import cifar_resnet18  # noqa: E402
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process over all its threads)."""
+def timed(fn, device: torch.device) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process over all its threads, peak CUDA bytes or 0)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    return time.perf_counter() - wall, time.process_time() - cpu, peak
 
 
 def main(argv=None) -> int:
@@ -47,14 +54,24 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--loop-samples", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--autocast", choices=["bf16", "fp16"], default=None)
+    ap.add_argument("--channels-last", action="store_true")
     args = ap.parse_args(argv)
 
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if device.type == "cuda":  # fp32 means fp32: no TF32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    model = cifar_resnet18()
-    x = torch.randn(args.batch, 3, 32, 32)
-    job = make_job(model, score="entropy", params=None, logits_fn=None, device="cpu", autocast=None,
-                   max_memory=None)
+    model = cifar_resnet18().to(device)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    job = make_job(model, score="entropy", params=None, logits_fn=None, device=device,
+                   autocast=args.autocast, max_memory=None)
     params = [p for _, p in job.params]
     load_before = os.getloadavg()
 
@@ -75,29 +92,36 @@ def main(argv=None) -> int:
             fn()
         times = {"fwd+bwd": [], "hooks": [], "loop": []}
         for r in range(args.repeats):
-            times["fwd+bwd"].append(timed(fwd_bwd))
-            times["hooks"].append(timed(run_hooks))
+            times["fwd+bwd"].append(timed(fwd_bwd, device))
+            times["hooks"].append(timed(run_hooks, device))
             if r < 3:
-                times["loop"].append(timed(run_loop))
+                times["loop"].append(timed(run_loop, device))
     load_after = os.getloadavg()
 
     samples = {"fwd+bwd": args.batch, "hooks": args.batch, "loop": args.loop_samples}
-    rate = {k: (samples[k] / statistics.median(w for w, _ in v), samples[k] / min(w for w, _ in v),
-                samples[k] / statistics.median(c for _, c in v)) for k, v in times.items()}
-    print(f"# hooks backend, CPU ({args.threads} threads), CIFAR ResNet-18 fp32, batch {args.batch}")
+    rate = {k: (samples[k] / statistics.median(w for w, _, _ in v), samples[k] / min(w for w, _, _ in v),
+                samples[k] / statistics.median(c for _, c, _ in v)) for k, v in times.items()}
+    peak = {k: max(m for _, _, m in v) / 2**30 for k, v in times.items()}
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads)")
+    precision = f"{args.autocast} autocast" if args.autocast else "fp32"
+    print(f"# hooks backend, {where}, CIFAR ResNet-18 {precision}"
+          f"{', channels_last' if args.channels_last else ''}, batch {args.batch}")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
           f"os.cpu_count()={os.cpu_count()}, load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f}")
     print()
-    print("| method | samples/s wall (median) | samples/s wall (best round) | samples per CPU-second (median) | rounds |")
-    print("|---|---|---|---|---|")
+    print("| method | samples/s wall (median) | samples/s wall (best round) | samples per CPU-second (median) "
+          "| peak CUDA GiB | rounds |")
+    print("|---|---|---|---|---|---|")
     for k, (med, best, cpu) in rate.items():
-        print(f"| {k} | {med:.1f} | {best:.1f} | {cpu:.1f} | {len(times[k])} |")
+        print(f"| {k} | {med:.1f} | {best:.1f} | {cpu:.1f} | {peak[k]:.2f} | {len(times[k])} |")
     print()
     for other, target in (("fwd+bwd", "0.9x"), ("loop", "10x")):
         r = [rate["hooks"][i] / rate[other][i] for i in range(3)]
         print(f"hooks / {other}: {r[0]:.2f}x wall median, {r[1]:.2f}x wall best, {r[2]:.2f}x CPU time "
               f"(target >= {target})")
+    if device.type == "cuda":
+        print(f"peak memory hooks / fwd+bwd: {peak['hooks'] / max(peak['fwd+bwd'], 1e-9):.2f}x (target <= 1.5x)")
     return 0
 
 

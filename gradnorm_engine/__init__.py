@@ -5,8 +5,8 @@
     scores = score_pool(model, loader)            # [N], pool order
 """
 from .api import RankResult, rank_unlabeled, score_pool, top_k
-from .norms import register_norm_rule  # noqa: F401  (rules for new layer types)
+from .norms import register_norm_rule
 
 __version__ = "0.1.0"
 
-__all__ = ["RankResult", "rank_unlabeled", "score_pool", "top_k", "__version__"]
+__all__ = ["RankResult", "rank_unlabeled", "register_norm_rule", "score_pool", "top_k", "__version__"]

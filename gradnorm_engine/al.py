@@ -24,6 +24,7 @@ the checkpoints; a run killed at any moment loses at most the cycle in progress.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -149,7 +150,6 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
-    import io
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -222,9 +222,8 @@ def _fresh_models(data: ALDataset, preset: Preset, factory: ModelFactory, seed: 
 # The loop
 
 
-def validate(config: ALConfig, pool_size: int) -> None:
-    """User mistakes in the protocol -> UsageError naming the fix."""
-    p = config.preset
+def validate_names(config: ALConfig) -> None:
+    """Mistakes found before any data is loaded -> UsageError naming the fix."""
     if not config.strategies:
         raise UsageError("no strategy given; pass --strategies with names from " + ", ".join(STRATEGIES))
     for name in config.strategies:
@@ -232,13 +231,21 @@ def validate(config: ALConfig, pool_size: int) -> None:
             raise UsageError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     if len(set(config.strategies)) != len(config.strategies):
         raise UsageError("a strategy is listed twice in --strategies")
+    if config.norm not in ("tensor_sum", "frobenius"):
+        raise UsageError(f"unknown norm {config.norm!r}; choose tensor_sum or frobenius")
+
+
+def validate(config: ALConfig, pool_size: int) -> None:
+    """User mistakes in the protocol -> UsageError naming the fix."""
+    validate_names(config)
+    p = config.preset
     for key in ("initial", "budget", "subset", "cycles", "trials", "epochs"):
         if getattr(p, key) < 1:
             raise UsageError(f"--{key} must be at least 1, got {getattr(p, key)}")
     if p.initial < 2:
         raise UsageError(f"--initial must be at least 2 (training needs two samples), got {p.initial}")
-    if config.norm not in ("tensor_sum", "frobenius"):
-        raise UsageError(f"unknown norm {config.norm!r}; choose tensor_sum or frobenius")
+    if p.batch_size < 2:
+        raise UsageError(f"--batch-size must be at least 2, got {p.batch_size}")
     if p.budget > p.subset:
         raise UsageError(f"--budget {p.budget} is larger than --subset {p.subset}; the budget is picked "
                          "from the subset, so use a budget of at most the subset size")
@@ -308,6 +315,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
     (tests use it to simulate a kill). Returns all records of ``config.out`` in file order.
     """
     log = log or (lambda _msg: None)
+    validate_names(config)
     if data is None:
         data = load_dataset(config.dataset, **config.data_options)
     pool_size = len(data.train)

@@ -181,6 +181,9 @@ def _torchvision(name: str, root: str, download: bool) -> ALDataset:
     except RuntimeError as err:
         raise UsageError(f"{name} is not under {root} ({err}); pass --download to fetch it, "
                          f"or --data-root to point at the folder that holds it") from None
+    except OSError as err:  # includes URLError: offline or the mirror is unreachable
+        raise UsageError(f"could not download {name} into {root} ({err}); fetch it elsewhere and "
+                         f"point --data-root at it") from None
     return ALDataset(name, ImageTensors(*train, mean, std, 4, flip), ImageTensors(*test, mean, std, 4, flip), classes)
 
 

@@ -440,3 +440,18 @@ def _collective(fn, what: str) -> None:
             f"rank {dist.get_rank()}: {what} failed after waiting up to {exchange_timeout():g} s for the other "
             f"ranks ({type(err).__name__}: {err}); a rank hung, died or raised outside scoring. If ranks "
             f"legitimately finish their blocks further apart, raise {TIMEOUT_ENV} (seconds)") from err
+
+
+def init_from_torchrun() -> torch.device | None:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) start the default process group, once,
+    and return this rank's device (``cuda:LOCAL_RANK`` when CUDA is there, else the CPU);
+    outside torchrun return None and start nothing. For command-line entry points."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device

@@ -140,10 +140,5 @@ def lossnet_for(model: nn.Module, example: torch.Tensor, hidden: int = 128) -> L
     return LossNet(stage_channels(model, example), hidden=hidden).to(example.device)
 
 
-def predicted_losses(lossnet: LossNet, features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Predicted losses in fp32 regardless of the autocast dtype.  -> [B]"""
-    return lossnet(features).float()
-
-
 __all__ = ["LossNet", "ranking_loss", "ranking_loss_reference", "stage_taps", "has_stage_taps",
-           "stage_channels", "lossnet_for", "predicted_losses"]
+           "stage_channels", "lossnet_for"]

@@ -1,6 +1,7 @@
 """How many bytes a backend may spend on one chunk of samples."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -39,3 +40,24 @@ def is_out_of_memory(err: BaseException) -> bool:
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def activation_elems(model: torch.nn.Module, example: torch.Tensor, precision=contextlib.nullcontext) -> int:
+    """Entries of every module output for one sample ``example`` [1, ...]: a cheap proxy of the
+    activation memory a chunk needs per sample. ``precision`` makes the forward's autocast context."""
+    total = 0
+
+    def count(_m, _inp, out):
+        nonlocal total
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel()
+
+    handles = [m.register_forward_hook(count) for m in model.modules()]
+    try:
+        with torch.no_grad(), precision():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total, example.numel())

@@ -14,14 +14,7 @@ from gradnorm_engine.presets import Preset
 from gradnorm_engine.strategies import STRATEGIES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one torch thread is about as fast as two on an idle machine and far
-    faster when other processes share the cores (no OpenMP spin-waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = Preset(initial=20, budget=10, subset=40, cycles=2, trials=1, epochs=1, lr=0.05, milestones=(), batch_size=16,
               width=4)
@@ -191,3 +184,32 @@ def test_checkpoints_and_results_are_written_atomically(tmp_path, digits):
     run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
     leftovers = [n for root, _, names in os.walk(tmp_path) for n in names if n.startswith(".tmp-")]
     assert leftovers == []
+
+
+def test_from_scratch_restarts_every_cycle_from_the_initial_weights(tmp_path, digits):
+    """With --from-scratch every cycle trains the same initial weights; with one epoch and the
+    same shuffles, cycle 2 of a from-scratch run differs from warm start only through the weights."""
+    seen = []
+
+    def hook(event, info):
+        if event == "trained":
+            seen.append(info["cycle"])
+    records = run_active_learning(_config(tmp_path, ["random"], from_scratch=True), data=digits, log=None, hook=hook)
+    assert seen == [1, 2] and [r["labeled"] for r in records] == [20, 30]
+    assert json.load(open(tmp_path / "config.json"))["from_scratch"] is True
+
+
+def test_paper_and_quick_presets():
+    from gradnorm_engine.presets import get_preset
+    c10 = get_preset("cifar10", "paper")
+    assert (c10.initial, c10.budget, c10.cycles, c10.epochs, c10.lr, c10.milestones) == (1000, 1000, 10, 200, 0.1, (160,))
+    assert c10.initial + c10.budget * (c10.cycles - 1) == 10000 and c10.resolved_detach_epoch() == 120
+    svhn = get_preset("svhn", "paper")
+    assert (svhn.lr, svhn.milestones) == (0.01, (40,))
+    caltech = get_preset("caltech101", "paper")
+    assert (caltech.epochs, caltech.batch_size, caltech.initial + caltech.budget * (caltech.cycles - 1)) == (50, 80, 3500)
+    short = get_preset("cifar10", "paper", epochs=50)
+    assert short.milestones == (40,) and short.resolved_detach_epoch() == 30
+    assert get_preset("digits", "quick", budget=7).budget == 7
+    with pytest.raises(UsageError, match="unknown preset"):
+        get_preset("digits", "fast")

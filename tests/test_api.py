@@ -249,3 +249,13 @@ def test_device_option_and_ddp_style_wrapper():
     assert torch.equal(score_pool(model, [x], device="cpu", progress=False), want)
     wrapped = nn.DataParallel(model)  # scored through .module
     assert torch.equal(score_pool(wrapped, [x], progress=False), want)
+
+
+def test_vmap_refuses_autocast_with_batchnorm_and_auto_still_scores():
+    model, x = _model("tiny_resnet18")
+    with pytest.raises(ValueError, match="autocast"):
+        score_pool(model, [x], backend="vmap", autocast="bf16", progress=False)
+    got = score_pool(model, [x], backend="auto", autocast="bf16", progress=False)
+    want = reference_scores(model, x)
+    assert got.dtype == torch.float32
+    assert max_rel_err(got, want) <= 0.05  # bf16 forward and backward: about 2-3 significant digits

@@ -6,13 +6,16 @@ from torch import nn
 
 from gradnorm_engine import rank_unlabeled, score_pool
 from gradnorm_engine.backends import resolve_backend
-from gradnorm_engine.backends.hooks import HooksBackend, _graph_facts
+from gradnorm_engine.backends.hooks import HooksBackend, HooksFallbackWarning, _graph_facts
 from gradnorm_engine.backends.loop import LoopBackend
 from gradnorm_engine.job import eval_mode, make_job
 from gradnorm_engine.reduction import reduce_sqnorms
 from tests.architectures import ARCHITECTURES
 
 NORMS = ("frobenius", "tensor_sum")
+
+# The self-check against the loop must never fire on models the rules read correctly.
+pytestmark = pytest.mark.filterwarnings("error::gradnorm_engine.backends.hooks.HooksFallbackWarning")
 
 
 def _batches(x, sizes=(2, 3)):
@@ -125,7 +128,59 @@ class WithAttention(nn.Module):
         return self.head(self.enc(self.embed(tokens)).mean(1))
 
 
+class PadsItself(nn.Conv2d):
+    """A Conv2d subclass with its own forward (asymmetric padding before the conv)."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+class KeepsForward(nn.Linear):
+    pass
+
+
+class Subclasses(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = PadsItself(2, 3, 2)
+        self.lin = KeepsForward(3, 4)
+        self.normed = torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.normed(torch.tanh(self.lin(self.conv(x).mean(dim=(2, 3)))))
+
+
+class OnlyBare(nn.Module):
+    """No layer with a rule at all: everything goes to the fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        return torch.tanh(x) @ self.w
+
+
+class VmapCannotRun(nn.Module):
+    """Data-dependent control flow (a finiteness guard, true for every sample alike): vmap
+    refuses it, so the loop scores the bare parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 4)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        h = self.lin(x)
+        if not bool(torch.isfinite(h).all()):
+            raise ValueError("non-finite activations")
+        return h * self.scale
+
+
 @pytest.mark.parametrize("model_cls, make_x", [
+    (VmapCannotRun, lambda: torch.randn(5, 6, dtype=torch.float64)),
+    (OnlyBare, lambda: torch.randn(5, 6, dtype=torch.float64)),
+    (Subclasses, lambda: torch.randn(5, 2, 5, 5, dtype=torch.float64)),
     (FunctionalTiedHead, lambda: torch.randint(0, 11, (5, 4))),
     (InPlaceAfterLayers, lambda: torch.randn(5, 6, dtype=torch.float64)),
     (WithAttention, lambda: torch.randint(0, 11, (5, 4))),
@@ -136,6 +191,14 @@ def test_hard_models_match_the_loop(model_cls, make_x):
     for norm in NORMS:
         torch.testing.assert_close(_scores(model, x, "hooks", norm=norm), _scores(model, x, "loop", norm=norm),
                                    rtol=1e-9, atol=1e-12)
+
+
+def test_subclass_with_its_own_forward_goes_to_the_fallback():
+    torch.manual_seed(0)
+    names = _fallback_names(Subclasses().double(), torch.randn(3, 2, 5, 5, dtype=torch.float64))
+    assert {"conv.weight", "conv.bias"} <= names                 # own forward: not trusted
+    assert not names & {"lin.weight", "lin.bias", "normed.bias"}  # inherited forward: rule applies
+    assert "normed.parametrizations.weight.original0" in names     # weight computed by weight_norm
 
 
 def test_weight_read_outside_its_module_goes_to_the_fallback():
@@ -155,16 +218,17 @@ def test_float32_channels_last_matches_the_loop():
     torch.testing.assert_close(hooks, loop, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["tiny_resnet18", "token_transformer", "layer_applied_twice"])
-def test_bf16_autocast_accumulates_in_float32_and_matches_the_loop(name):
+@pytest.mark.parametrize("name, autocast", [("tiny_resnet18", "bf16"), ("token_transformer", "bf16"),
+                                            ("layer_applied_twice", "bf16"), ("bn_dropout_residual_cnn", "fp16")])
+def test_autocast_accumulates_in_float32_and_matches_the_loop(name, autocast):
     # (channels_last is left out here: torch's CPU bf16 channels_last conv backward corrupts memory)
     model, x = _pool(name, n=4, dtype=torch.float32)
-    engine = _engine(model, autocast="bf16")
+    engine = _engine(model, autocast=autocast)
     with eval_mode(model), torch.enable_grad():
         sq = engine.sqnorms(x)
     assert sq.dtype == torch.float32
-    hooks = _scores(model, x, "hooks", autocast="bf16")
-    loop = _scores(model, x, "loop", autocast="bf16")
+    hooks = _scores(model, x, "hooks", autocast=autocast)
+    loop = _scores(model, x, "loop", autocast=autocast)
     torch.testing.assert_close(hooks, loop, rtol=5e-2, atol=1e-6)
 
 
@@ -258,3 +322,41 @@ def test_chunk_size_is_positive_and_respects_the_option():
     job = make_job(model, score="entropy", params=None, logits_fn=None, device=None, autocast=None,
                    max_memory=None, options={"chunk_size": 7})
     assert HooksBackend(job).chunk_size(x) == 7
+
+
+class SequenceFirst(nn.Module):
+    """Layers see token ids [T, B] and hidden states [T, B, d]: dim 0 is not the sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens):                      # tokens [B, T]
+        h = torch.tanh(self.mix(self.embed(tokens.t())))
+        return self.head(h.mean(0))
+
+
+def test_sequence_first_layers_are_caught_and_scored_exactly():
+    torch.manual_seed(0)
+    model = SequenceFirst().double()
+    # T != B: the layers' dim 0 is not the batch size, so their parameters go to the fallback.
+    x = torch.randint(0, 11, (3, 4))
+    assert {"embed.weight", "mix.weight", "mix.bias"} <= _fallback_names(model, x)
+    torch.testing.assert_close(_scores(model, x, "hooks"), _scores(model, x, "loop"), rtol=1e-9, atol=1e-12)
+    # T == B: the shapes cannot tell; the check against the loop does, and the job moves to the fallback.
+    x = torch.randint(0, 11, (3, 3))
+    with pytest.warns(HooksFallbackWarning, match="sequence-first"):
+        hooks = score_pool(model, [x], backend="hooks", progress=False)
+    torch.testing.assert_close(hooks, score_pool(model, [x], backend="loop", progress=False), rtol=1e-9, atol=1e-12)
+
+
+def test_fallback_turns_to_the_loop_when_vmap_cannot_run_the_model():
+    torch.manual_seed(0)
+    model = VmapCannotRun().double()
+    engine = _engine(model)
+    with eval_mode(model), torch.enable_grad():
+        engine.sqnorms(torch.randn(3, 6, dtype=torch.float64))
+    assert engine.last_fallback == ("scale",)
+    assert [type(f.engine).__name__ for f in engine._fallbacks.values()] == ["LoopBackend"]

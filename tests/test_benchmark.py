@@ -155,3 +155,9 @@ def test_bench_command_writes_json_plot_and_markdown(tmp_path, capsys):
 def test_bench_command_usage_errors(argv, message, capsys):
     assert cli.main(["bench", "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
+def test_bench_command_says_when_cuda_is_missing(capsys):
+    assert cli.main(["bench", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -2,19 +2,11 @@
 import json
 
 import pytest
-import torch
 
 from gradnorm_engine.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one torch thread is about as fast as two on an idle machine and far
-    faster when other processes share the cores (no OpenMP spin-waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--dataset", "digits", "--initial", "20", "--budget", "10", "--subset", "30", "--cycles", "2",
         "--trials", "1", "--epochs", "1", "--width", "4", "--no-progress"]

@@ -53,7 +53,7 @@ def conv_layers(draw, dims=(1, 2, 3)):
     return layer, torch.randn(batch, cin, *size)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(case=conv_layers())
 def test_conv_rule_matches_per_sample_loop(case):
     layer, x = case

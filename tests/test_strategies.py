@@ -12,14 +12,7 @@ from gradnorm_engine.strategies import STRATEGIES, QueryContext, make_strategy
 from gradnorm_engine.strategies.coreset import k_center_greedy, min_distances
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one torch thread is about as fast as two on an idle machine and far
-    faster when other processes share the cores (no OpenMP spin-waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 BUDGET = 5

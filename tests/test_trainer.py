@@ -10,14 +10,7 @@ from gradnorm_engine.models import cifar_resnet18, small_cnn
 from gradnorm_engine.trainer import TrainConfig, _batches, evaluate, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one torch thread is about as fast as two on an idle machine and far
-    faster when other processes share the cores (no OpenMP spin-waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 

@@ -1,5 +1,7 @@
 """Ways of getting per-sample gradient norms, by name.
 
+``hooks`` per-layer norm rules on one batched forward + backward (never builds per-sample
+          gradients), with an exact vmap/loop fallback for parameters no rule covers
 ``loop``  the per-sample reference (one backward per sample)
 ``vmap``  torch.func.vmap(grad), chunked
 ``auto``  the fastest exact backend for the job

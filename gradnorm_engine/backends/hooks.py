@@ -17,21 +17,25 @@
    run the model), so per-sample gradients of a shared parameter are summed before the norm.
 
 The model must treat the samples of a batch independently (eval mode; BatchNorm with running
-statistics) and see the batch on dim 0 of every layer input, as every layer in torch.nn
-does with batch_first data.
+statistics) and the rules read dim 0 of a layer's input as the sample. A layer that sees
+another dim first (sequence-first data) is caught when that dim's size differs from the batch;
+for when it happens to be equal, the first chunk of every new size is checked against the
+per-sample loop on two samples, and a disagreement (a model the rules cannot read) hands the
+whole job to the exact fallback with a ``HooksFallbackWarning``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
+import warnings
 
 import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from ..memory import chunk_budget
-from ..norms import find_norm_rule
+from ..job import ScoringJob
+from ..memory import activation_elems, chunk_budget, is_out_of_memory
+from ..norms import NORM_RULES, find_norm_rule
 from .base import Backend
 from .loop import LoopBackend
 from .vmap import VmapBackend
@@ -40,6 +44,16 @@ from .vmap import VmapBackend
 # the inputs the hooks keep, the output gradients in flight and the rules' temporaries.
 ACTIVATION_COPIES = 6
 MAX_CHUNK = 512
+
+# The self-check against the per-sample loop: samples compared, and the relative tolerance per
+# squared norm (low-precision autocast forwards differ between a batch and a single sample).
+CHECK_SAMPLES = 2
+CHECK_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+CHECK_RTOL_AUTOCAST = 0.25
+
+
+class HooksFallbackWarning(UserWarning):
+    """The rules disagreed with the per-sample loop; the job continues on the exact fallback."""
 
 
 class _Call:
@@ -56,13 +70,17 @@ class _Call:
 
 
 class HooksBackend(Backend):
+    """Exact per-sample norms at about the cost of one training step (see the module docstring).
+
+    ``last_fallback`` names the parameters the exact fallback scored in the last chunk.
+    """
+
     name = "hooks"
 
-    def __init__(self, job):
+    def __init__(self, job: ScoringJob):
         super().__init__(job)
         model = job.model
         self.columns = {id(p): j for j, (_, p) in enumerate(job.params)}
-        self.param_names = {id(p): n for n, p in job.params}
         owners: dict[int, list[nn.Module]] = {}
         for m in model.modules():
             for p in m._parameters.values():
@@ -71,16 +89,18 @@ class HooksBackend(Backend):
         # Layers whose rule may score some measured parameter: owned by this layer alone.
         self.ruled: list[tuple[nn.Module, object, list[nn.Parameter]]] = []
         for m in model.modules():
-            rule = find_norm_rule(m)
+            rule = _trusted_rule(m)
             mine = [p for p in m._parameters.values()
                     if p is not None and id(p) in self.columns and len(owners[id(p)]) == 1]
             if rule is not None and mine:
                 self.ruled.append((m, rule, mine))
         self._fallbacks: dict[tuple[str, ...], Backend] = {}
         self.last_fallback: tuple[str, ...] = ()   # names scored by the fallback in the last chunk
+        self._checked_sizes: set[int] = set()       # chunk sizes already checked against the loop
+        self.distrusted = False                     # the rules failed the check: fallback only
 
     @classmethod
-    def supports(cls, job) -> bool:
+    def supports(cls, job: ScoringJob) -> bool:
         """False only where one batched backward cannot give per-sample gradients: a BatchNorm
         that normalises with batch statistics (training mode or no running statistics) mixes
         the samples, and TorchScript modules take no Python hooks."""
@@ -96,23 +116,61 @@ class HooksBackend(Backend):
             return int(self.job.options["chunk_size"])
         job = self.job
         itemsize = torch.finfo(job.accum_dtype).bits // 8
-        act = _activation_elems(job.model, example, job)
-        # A materialising rule holds one per-sample weight gradient on CPU (the reference kernels).
+        act = activation_elems(job.model, example, job.autocast_context)
+        # The Gram form and the unfolded patches hold up to about one weight's size per sample.
         widest = max((p.numel() for _, _, ps in self.ruled for p in ps), default=0)
         per_sample = itemsize * (ACTIVATION_COPIES * act + widest)
         return max(1, min(MAX_CHUNK, chunk_budget(job.device, job.max_memory) // per_sample))
 
     def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
         job = self.job
-        out = torch.zeros(x.shape[0], len(job.params), dtype=job.accum_dtype, device=x.device)
         with _measure_only(job):
-            calls = self._forward_and_backward(x, out)
-            fallback = [(n, p) for n, p in job.params if id(p) in calls]
+            if self.distrusted or not self.ruled:  # nothing for the rules: skip their forward
+                self.last_fallback = tuple(n for n, _ in job.params)
+                return self._fallback(job.params).sqnorms(x).to(job.accum_dtype)
+            out = torch.zeros(x.shape[0], len(job.params), dtype=job.accum_dtype, device=x.device)
+            needs_fallback = self._forward_and_backward(x, out)
+            fallback = [(n, p) for n, p in job.params if id(p) in needs_fallback]
             self.last_fallback = tuple(n for n, _ in fallback)
             if fallback:
                 cols = [self.columns[id(p)] for _, p in fallback]
                 out[:, cols] = self._fallback(fallback).sqnorms(x).to(out.dtype)
+            if x.shape[0] not in self._checked_sizes:
+                self._checked_sizes.add(x.shape[0])
+                if not self._agrees_with_loop(x, out):
+                    self.distrusted = True
+                    self.last_fallback = tuple(n for n, _ in job.params)
+                    return self._fallback(job.params).sqnorms(x).to(job.accum_dtype)
         return out
+
+    def _agrees_with_loop(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """Compare the first samples with the per-sample loop; warn and return False if the
+        rules got them wrong (a layer that reads another dim than the batch as the sample)."""
+        job = self.job
+        n = min(CHECK_SAMPLES, x.shape[0])
+        try:
+            expected = LoopBackend(job).sqnorms(x[:n]).to(out.dtype)         # (n, P)
+        except Exception as err:  # noqa: BLE001 - a model that cannot run one sample alone
+            if is_out_of_memory(err):
+                raise
+            return True  # no per-sample reference to hold the rules to
+
+        got = out[:n]
+        rtol = CHECK_RTOL_AUTOCAST if job.autocast is not None else CHECK_RTOL.get(out.dtype, 1e-3)
+        # Each entry within rtol of itself, with a floor of rtol * 1e-3 of the sample's total.
+        floor = 1e-3 * expected.sum(dim=1, keepdim=True)
+        bad = (got - expected).abs() > rtol * (expected.abs() + floor) + 1e-30
+        if not bool(bad.any()):
+            return True
+        names = [job.params[j][0] for j in bad.any(dim=0).nonzero().flatten().tolist()]
+        shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        warnings.warn(
+            f"backend='hooks': the per-layer rules disagree with the per-sample loop for {shown}; a "
+            "layer probably sees another dim than the batch first (e.g. sequence-first data) or the "
+            "model mixes samples. Scoring continues exactly, but more slowly, through vmap/loop; use "
+            "batch-first layouts, or pass backend='vmap' to skip this check.",
+            HooksFallbackWarning, stacklevel=3)
+        return False
 
     def _forward_and_backward(self, x: torch.Tensor, out: torch.Tensor) -> set[int]:
         """Fill ``out`` with every rule-scored column; return the ids of measured parameters
@@ -150,8 +208,10 @@ class HooksBackend(Backend):
             if edges:
                 torch.autograd.grad(loss, edges, allow_unused=True)
         finally:
+            # Break the cycle output node -> tensor hook -> call -> node: autograd nodes are not
+            # traversed by Python's collector, so the cycle would keep every chunk's graph alive.
             for c in calls:
-                c.inputs = None
+                c.inputs = c.edge = c.node = None
         covered -= missed
         return {id(p) for _, p in job.params if uses.get(id(p), 0) > 0 and id(p) not in covered}
 
@@ -198,21 +258,43 @@ class HooksBackend(Backend):
         self._fallbacks.clear()
 
 
+def _trusted_rule(module: nn.Module):
+    """The module's rule, if its forward is the one the rule was written for: a rule inherited
+    from a base class is used only when the subclass keeps that class's forward (a subclass
+    that pads or rescales in its own forward goes to the fallback unless it registers a rule)."""
+    rule = find_norm_rule(module)
+    if rule is None:
+        return None
+    for cls in type(module).__mro__:
+        if NORM_RULES.get(cls) is rule:
+            return rule if type(module).forward is cls.forward else None
+    return None
+
+
 class _ExactFallback(Backend):
-    """vmap(grad) over a few parameters; the per-sample loop if vmap cannot run the model."""
+    """vmap(grad) over a few parameters; the per-sample loop if vmap cannot run the model.
+
+    Runs the chunk in pieces of vmap's own chunk size: vmap holds one gradient per sample of
+    every parameter it scores (a tied embedding can be large), the rules do not.
+    """
 
     name = "hooks-fallback"
 
     def __init__(self, job):
         super().__init__(job)
         self.engine: Backend = VmapBackend(job)
+        self.piece: int | None = None
 
     def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+        if self.piece is None:
+            self.piece = max(1, int(self.engine.chunk_size(x[:1])))
+        return torch.cat([self._run(part) for part in x.split(self.piece)])
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.engine, VmapBackend):
             try:
                 return self.engine.sqnorms(x)
             except Exception as err:  # noqa: BLE001 - any vmap limitation; OOM goes up to halve the chunk
-                from ..memory import is_out_of_memory
                 if is_out_of_memory(err):
                     raise
                 self.engine = LoopBackend(self.job)
@@ -306,23 +388,3 @@ def _measure_only(job):
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def _activation_elems(model: nn.Module, example: torch.Tensor, job) -> int:
-    """Entries of every module output for one sample: a proxy of the activation memory."""
-    total = 0
-
-    def count(_m, _inp, out):
-        nonlocal total
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel()
-
-    handles = [m.register_forward_hook(count) for m in model.modules()]
-    try:
-        with torch.no_grad(), job.autocast_context():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    return max(total, math.prod(example.shape))

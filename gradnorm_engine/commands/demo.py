@@ -44,8 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=DEMO.epochs, help=f"epochs per cycle (default: {DEMO.epochs})")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (default: 1; the demo's models are so small that a second "
-                        "thread gains little, and one thread does not stall when other processes share the cores)")
+                   help="CPU threads for torch (default: 1: the demo's models are tiny, and one thread does "
+                        "not stall on OpenMP spin-waits when other processes share the cores)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument("--skip-engine-check", action="store_true", help="only run the active-learning comparison")
 

@@ -2,6 +2,7 @@
 
     gradnorm-engine rank resnet18 --checkpoint model.pt --data pool/ --k 1000 --out picks.csv
     gradnorm-engine rank mypkg.nets:make_model --data pool.zip --root pool --k 500
+    torchrun --nproc-per-node 8 -m gradnorm_engine.cli rank resnet18 --data pool/ --k 1000
 
 Writes picks.csv with one row per picked sample, best first: rank, position, file, score.
 """
@@ -16,6 +17,7 @@ import torch
 
 from ..api import rank_unlabeled
 from ..backends import backend_names
+from ..distributed import broadcast_module, init_from_torchrun, is_main_process
 from ..errors import UsageError
 from ..image_folders import open_image_folder
 from ..reduction import NORMS
@@ -102,12 +104,18 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.num_classes or len(dataset.classes))
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Under torchrun every rank scores its own block of the pool; rank 0 writes the CSV.
+    rank_device = init_from_torchrun()
+    device = torch.device(args.device or rank_device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
+    if rank_device is not None:
+        broadcast_module(model)  # every rank scores with rank 0's weights
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=args.workers, pin_memory=device.type == "cuda")
     res = rank_unlabeled(model, loader, args.k, score=args.score, norm=args.norm, backend=args.backend,
                          device=device, progress=not args.no_progress)
+    if not is_main_process():
+        return 0
     names = [name for name, _ in dataset.samples]
     tmp = args.out + ".tmp"
     with open(tmp, "w", newline="") as f:

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import conv2d_weight_grad_sqnorm
-from ..kernels import linear_weight_grad_sqnorm
+from ..kernels import conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm
 from .forms import FORMS, gram_sqnorm, prefer_gram
 from .registry import accum_dtype, register_norm_rule, wants
 
@@ -44,7 +43,6 @@ def conv_weight_sqnorm(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, form:
     """Per-sample squared norm of the weight gradient.  x [B, C, *S], g [B, O, *S'] -> [B]"""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    nd = x.dim() - 2
     kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
     groups = layer.groups
     batch, channels = x.shape[:2]

@@ -7,7 +7,6 @@ With a [B, T, d] (all dims between batch and features flattened into T) and g [B
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .forms import weight_sqnorm

@@ -19,7 +19,9 @@ Rules cover only the parameters the layer owns directly; a rule may leave out pa
     def my_layer_norms(layer, inputs, grad_outputs): ...   # -> {layer.weight: [B], ...}
 
 Lookup walks ``type(layer).__mro__``, so a subclass of ``nn.Linear`` gets the Linear rule
-unless a rule is registered for the subclass itself.
+unless a rule is registered for the subclass itself. The hooks backend applies an inherited
+rule only to subclasses that keep the base class's ``forward``; a subclass with its own forward
+is scored by the exact fallback until a rule is registered for it.
 """
 from __future__ import annotations
 

@@ -2,7 +2,6 @@
 scikit-learn, no download) and networks of a few thousand parameters."""
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 POOL_SIZE = 300
