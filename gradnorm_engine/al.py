@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .datasets import ALDataset, load_dataset
+from .distributed import broadcast_module
 from .errors import UsageError
 from .lossnet import LossNet, has_stage_taps, lossnet_for
 from .models import cifar_resnet18
@@ -375,6 +376,11 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
                 hook("trained", info)
 
                 start = time.perf_counter()
+                # Under torchrun every rank trains its own replica; GPU training is not
+                # bit-reproducible, so all ranks query with rank 0's weights (no-op otherwise).
+                broadcast_module(model)
+                if lossnet is not None:
+                    broadcast_module(lossnet)
                 subset = draw_subset(unlabeled, p.subset, query_generator)
                 context = QueryContext(model=model, data=train_split, labeled=labeled, subset=subset, device=device,
                                        lossnet=lossnet, generator=query_generator, progress=config.progress)
