@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU measurement of the benchmark suite in one go: about 4 minutes on an H100/H200.
+# The whole GPU measurement of the benchmark suite in one go: at most about 7 minutes on an
+# H100/H200 (330 s for the bench steps, 60 s for the kernels).
 #
 #   bash bench/gpu_check.sh                 # from the repository root, on the GPU machine
 #   BENCH_SMOKE=1 BENCH_DEVICE=cpu BENCH_EXTRA_ARGS="--threads 1" bash bench/gpu_check.sh
@@ -11,11 +12,11 @@
 #   3. CIFAR ResNet-18 bf16 and 4. tf32, batch 256
 #   5. MobileNetV3-small fp32 (224 px), batch 128;  6. the small transformer fp32, batch 128
 #   7. the scaling of step 2 with backend="vmap", for contrast
+#   8. the Triton kernels against their torch references (bench/bench_kernels.py)
 #
 # Writes into $OUT (default bench/results/gpu-run), at most 8 files: summary.md (every table
 # with the command that produced it: paste it into bench/results/<card>.md), resnet18-fp32.json
-# and .png, scaling.json, scaling-vmap.json, all.tar.gz (every JSON, plot, markdown and log),
-# log.txt.
+# and .png, scaling.json, kernels.json, all.tar.gz (every JSON, plot, markdown and log), log.txt.
 #
 # Needs python3 with a CUDA torch; no network and nothing to build: the package runs from this
 # checkout, staged into a scratch folder with kernels/ as gradnorm_engine.kernels (the installed
@@ -87,6 +88,17 @@ step resnet18-tf32 45 --model resnet18 --dtype tf32 $B256 $R18
 step mobilenet-fp32 50 --model mobilenet_v3_small --dtype fp32 $B128 $SMALL
 step transformer-fp32 45 --model transformer --dtype fp32 $B128 $SMALL
 step scaling-vmap 45 --no-methods --scaling $POOLS --scaling-model small_cnn --scaling-backend vmap --dtype fp32
+
+# 8. kernels: a script of its own, not a bench subcommand; its table goes to the summary.
+left=$((BUDGET_S + 60 - (SECONDS - START)))
+if [ "$DEVICE" = cuda ] && [ "$left" -ge 20 ]; then
+  [ "$left" -gt 60 ] && left=60
+  echo "== kernels (limit ${left}s)" | tee -a "$LOG"
+  { echo "## Triton kernels vs torch references"; echo; echo "Command: \`python bench/bench_kernels.py --json kernels.json\`"; echo; echo '```'
+    timeout --kill-after=10 "$left" "$PY" bench/bench_kernels.py --json "$WORK/kernels.json" 2>&1; echo "exit $?"
+    echo '```'; echo; } >"$WORK/kernels.md"
+  tail -n 3 "$WORK/kernels.md" | tee -a "$LOG"
+fi
 echo "== all steps: $((SECONDS - START))s" | tee -a "$LOG"
 
 {
@@ -94,13 +106,13 @@ echo "== all steps: $((SECONDS - START))s" | tee -a "$LOG"
   echo
   echo "Produced by \`bash bench/gpu_check.sh\` ($(date -u '+%Y-%m-%d %H:%M UTC')); each section names its command."
   echo
-  for name in resnet18-fp32 scaling resnet18-bf16 resnet18-tf32 mobilenet-fp32 transformer-fp32 scaling-vmap; do
+  for name in resnet18-fp32 scaling resnet18-bf16 resnet18-tf32 mobilenet-fp32 transformer-fp32 scaling-vmap kernels; do
     if [ -f "$WORK/$name.md" ]; then cat "$WORK/$name.md"; else echo "## $name: no result (see log.txt)"; echo; fi
   done
 } >"$WORK/summary.md"
 
 cp "$WORK/summary.md" "$LOG" "$OUT/"
-for f in resnet18-fp32.json resnet18-fp32.png scaling.json scaling-vmap.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
+for f in resnet18-fp32.json resnet18-fp32.png scaling.json kernels.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
 tar czf "$OUT/all.tar.gz" -C "$WORK" .
 rm -rf "$STAGE"
 echo
