@@ -5,7 +5,7 @@
 Reads the run folder of `gradnorm-engine al` (config.json, results.jsonl, checkpoints/) and writes
 into it:
 - ablation.md: LPLgrad with its auxiliary model (lplgrad) against the same query without it
-  (ent-gradnorm: cross-entropy training only), mean +- std per labeled-set size, and the gap;
+  (ent-gradnorm: cross-entropy training only), mean +- sample std per labeled-set size, and the gap;
 - confidence.png: max-softmax confidence of the final LPLgrad model (trial 1) on the samples it
   was trained on (labeled) and on the rest of the pool (unlabeled);
 - engine_speed.md: the query step's gradient-norm scoring with the engine's `hooks` backend
@@ -45,7 +45,7 @@ def ablation_table(records: list[dict]) -> str:
              "|---|---|---|---|---|"]
     for size in sorted(set(with_aux) & set(without)):
         a, b = np.array(with_aux[size]), np.array(without[size])
-        lines.append(f"| {size:,} | {a.mean():.1f} +- {a.std():.1f} | {b.mean():.1f} +- {b.std():.1f} | "
+        lines.append(f"| {size:,} | {a.mean():.1f} +- {a.std(ddof=1):.1f} | {b.mean():.1f} +- {b.std(ddof=1):.1f} | "
                      f"{a.mean() - b.mean():+.1f} | {len(a)} / {len(b)} |")
     return "\n".join(lines) + "\n"
 
