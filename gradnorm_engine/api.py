@@ -22,6 +22,7 @@ from .distributed import rank_unlabeled_sharded, score_pool_sharded, use_shardin
 from .inputs import extract_input
 from .job import ScoringJob, eval_mode, make_job, on_device
 from .memory import is_out_of_memory
+from .ranking import best_positions
 from .reduction import check_norm, reduce_sqnorms
 from .scores import ScoreFn
 
@@ -120,8 +121,7 @@ def top_k(scores: torch.Tensor, k: int, *, backend: str = "?", norm: str = "frob
     n = scores.numel()
     if k > n:
         raise ValueError(f"k = {k} is larger than the pool ({n} samples); ask for at most {n}")
-    # A stable ascending sort of -scores keeps equal scores in position order.
-    order = torch.sort(-scores, stable=True).indices[:k]
+    order = best_positions(scores, k)
     return RankResult(indices=order, scores=scores[order], pool_size=n, backend=backend, norm=norm)
 
 

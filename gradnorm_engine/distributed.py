@@ -41,6 +41,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
 from .job import make_job
+from .ranking import best_positions
 from .reduction import check_norm
 
 TIMEOUT_ENV = "GRADNORM_DISTRIBUTED_TIMEOUT"
@@ -207,8 +208,7 @@ def merge_top_k(scores: Sequence[torch.Tensor], positions: Sequence[torch.Tensor
     p = torch.cat(list(positions))
     by_position = torch.argsort(p)
     s, p = s[by_position], p[by_position]
-    # A stable sort of -s keeps equal scores in position order, as top_k does.
-    best = torch.sort(-s, stable=True).indices[:k]
+    best = best_positions(s, k)
     return s[best], p[best]
 
 
@@ -282,7 +282,7 @@ def gather_scores(block: ScoredBlock) -> torch.Tensor:
 def gather_top_k(block: ScoredBlock, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pool's top k from every rank's own top min(k, count).  -> (scores [k], positions [k])"""
     own = block.scores.to(block.dtype)
-    best = local_top_k(own, k)
+    best = best_positions(own, k)
     width = min(k, max(s.count for s in block.statuses))
     top_scores = torch.zeros(width, dtype=block.dtype)
     top_positions = torch.zeros(width, dtype=torch.int64)
@@ -299,21 +299,6 @@ def gather_top_k(block: ScoredBlock, k: int) -> tuple[torch.Tensor, torch.Tensor
     counts = [min(k, s.count) for s in block.statuses]
     return merge_top_k([t[:c] for t, c in zip(all_scores, counts)],
                        [t[:c] for t, c in zip(all_positions, counts)], k)
-
-
-def local_top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the best min(k, n) of scores [n]: highest first, ties by lower position.
-
-    The same order as a stable sort of -scores, without sorting all n: every score above the
-    k-th largest value, and every score equal to it, is a candidate (in position order, from
-    nonzero); a stable sort of the few candidates finishes the job.  -> [min(k, n)]
-    """
-    k = min(k, scores.numel())
-    if k == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    kth = torch.topk(scores, k, sorted=False).values.min()
-    candidates = (scores >= kth).nonzero().flatten()
-    return candidates[torch.sort(-scores[candidates], stable=True).indices[:k]]
 
 
 def exchange_status(status: RankStatus, group) -> list[RankStatus]:

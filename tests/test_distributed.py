@@ -20,7 +20,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 
 from gradnorm_engine import rank_unlabeled, score_pool, top_k
 from gradnorm_engine.distributed import (DistributedScoringError, broadcast_module, is_main_process, loader_order,
-                                         local_top_k, merge_top_k, shard_bounds, shard_loader, use_sharding)
+                                         merge_top_k, shard_bounds, shard_loader, use_sharding)
 
 N = 23           # pool size, divisible by neither 2 nor 3
 K = 15           # more than one rank's block (12 of 23 on 2 ranks, 8 on 3)
@@ -425,17 +425,6 @@ def test_merge_of_per_rank_top_k_equals_top_k_of_the_pool():
         merged_s, merged_p = merge_top_k(parts_s, parts_p, k)
         want = top_k(scores, k)
         assert torch.equal(merged_p, want.indices) and torch.equal(merged_s, want.scores), trial
-
-
-def test_local_top_k_equals_top_k_without_a_full_sort():
-    g = torch.Generator().manual_seed(4)
-    for trial in range(50):
-        n = int(torch.randint(1, 60, (1,), generator=g))
-        scores = torch.randint(0, 4, (n,), generator=g).double() / 3  # many ties, fp64 like fp64 models
-        k = int(torch.randint(1, n + 5, (1,), generator=g))
-        want = top_k(scores, min(k, n)).indices
-        assert torch.equal(local_top_k(scores, k), want), trial
-    assert local_top_k(torch.zeros(0), 3).numel() == 0
 
 
 def test_shard_loader_keeps_the_loader_settings():

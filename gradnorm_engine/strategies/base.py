@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from ..datasets import ImageTensors
 from ..errors import UsageError
 from ..lossnet import LossNet, stage_taps
+from ..ranking import best_positions
 from ..trainer import autocast_for, to_model_layout
 
 
@@ -120,7 +121,7 @@ class Strategy:
 
     def top_by_score(self, context: QueryContext, scores: torch.Tensor, budget: int) -> torch.Tensor:
         """The ``budget`` subset members with the largest scores [len(subset)], ties by position."""
-        order = torch.sort(-scores.detach().float().cpu(), stable=True).indices[:budget]
+        order = best_positions(scores.detach().float().cpu(), budget)
         return context.subset[order]
 
 

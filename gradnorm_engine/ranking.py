@@ -1,0 +1,19 @@
+"""The one ranking rule of the project: highest score first, ties by the lower position."""
+from __future__ import annotations
+
+import torch
+
+
+def best_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the best min(k, n) of scores [n], highest first, ties by lower position.  -> [min(k, n)]
+
+    The order of a stable sort of -scores, without sorting all n: every score above the k-th
+    largest value, and every score equal to it, is a candidate (in position order, from
+    nonzero); a stable sort of the few candidates finishes the job.
+    """
+    k = min(k, scores.numel())
+    if k == 0:
+        return torch.zeros(0, dtype=torch.int64, device=scores.device)
+    kth = torch.topk(scores, k, sorted=False).values.min()
+    candidates = (scores >= kth).nonzero().flatten()
+    return candidates[torch.sort(-scores[candidates], stable=True).indices[:k]]
