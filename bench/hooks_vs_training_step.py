@@ -1,7 +1,7 @@
 """Throughput of the hooks backend on CIFAR ResNet-18 (CPU by default, --device cuda on a GPU).
 
-    python bench/hooks_cpu.py [--batch 32] [--threads 2] [--repeats 7] [--loop-samples 8]
-    python bench/hooks_cpu.py --device cuda --batch 256 [--autocast bf16] [--channels-last]
+    python bench/hooks_vs_training_step.py [--batch 32] [--threads 2] [--repeats 7] [--loop-samples 8]
+    python bench/hooks_vs_training_step.py --device cuda --batch 256 [--autocast bf16] [--channels-last]
 
 Compares, in one process and interleaved round by round (so that load from other processes
 hits every method alike):
