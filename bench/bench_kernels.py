@@ -25,6 +25,7 @@ import torch
 
 from gradnorm_engine.kernels import conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm, per_sample_sumsq
 from gradnorm_engine.models import cifar_resnet18
+from gradnorm_engine.norms.conv import conv_weight_sqnorm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Sequence-linear shapes (T, d, p) for the linear kernel beside the ResNet's classifier.
@@ -114,12 +115,20 @@ def bench_conv(args, device, timer, dtype_name):
         Ho = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
         Wo = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
         gy = torch.randn(args.batch, O, Ho, Wo, device=device, generator=gen).to(dtype)
+        if args.channels_last:
+            x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
         run = lambda impl: conv2d_weight_grad_sqnorm(x, gy, k, s, p, d, g, impl=impl)  # noqa: E731
         truth = lambda: conv2d_weight_grad_sqnorm(x.double(), gy.double(), k, s, p, d, g, impl="torch")  # noqa: E731
         geometry = f"{C}x{H}x{W}->{O}x{Ho}x{Wo} k{k[0]}x{k[1]} s{s[0]}"
-        rows.append(compare(f"conv {name}", run, truth, device, timer,
-                            {"kernel": "conv2d_weight_grad_sqnorm", "dtype": dtype_name, "batch": args.batch,
-                             "shape": geometry}))
+        row = compare(f"conv {name}", run, truth, device, timer,
+                      {"kernel": "conv2d_weight_grad_sqnorm", "dtype": dtype_name, "batch": args.batch,
+                       "shape": geometry, "channels_last": args.channels_last})
+        if device.type == "cuda":  # the alternatives a rule could use, and a training step's cost
+            layer = torch.nn.Conv2d(C, O, k, s, p, d, g, bias=False).to(device, dtype)
+            row["gram_ms"] = timer(lambda: conv_weight_sqnorm(layer, x, gy, form="gram"))
+            row["batched_wgrad_ms"] = timer(lambda: torch.ops.aten.convolution_backward(
+                gy, x, layer.weight, None, list(s), list(p), list(d), False, [0, 0], g, [False, True, False]))
+        rows.append(row)
         del x, gy
     return rows
 
@@ -187,6 +196,9 @@ def print_table(rows):
         det = {True: "yes", False: "NO"}.get(r.get("deterministic"), "-")
         print(f"{r['case'][:44]:44s} {r['dtype']:5s} {r['batch']:4d}  {_fmt_ms(r['torch_ms']):>26s}  "
               f"{_fmt_ms(r.get('triton_ms')):>26s} {speed:>7s} {err:>8s} {det:>4s} {mem:>17s}")
+        if "batched_wgrad_ms" in r:
+            print(f"    {r['shape']}: Gram form {_fmt_ms(r['gram_ms'])} ms; the batch's summed weight "
+                  f"gradient (cuDNN, a training step's share) {_fmt_ms(r['batched_wgrad_ms'])} ms")
         if "fraction_of_copy_bw" in r:
             print(f"    per_sample_sumsq: {r['triton_gbs']:.0f} GB/s read = {100 * r['fraction_of_copy_bw']:.0f}% "
                   f"of copy bandwidth {r['copy_gbs']:.0f} GB/s (torch reference {r['torch_gbs']:.0f} GB/s)")
@@ -203,6 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sumsq-batch", type=int, default=64 if cuda else 2, help="B for per_sample_sumsq")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
     parser.add_argument("--kernels", default="conv,linear,sumsq", help="comma list of conv, linear, sumsq")
+    parser.add_argument("--channels-last", action="store_true", help="conv rows in channels_last layout")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per row on CPU (GPU: do_bench)")
     parser.add_argument("--interpret", action="store_true",
                         help="CPU: also run the kernels in Triton's interpreter (needs TRITON_INTERPRET=1; "

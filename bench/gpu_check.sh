@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# The whole GPU measurement of the benchmark suite in one go: at most about 7 minutes on an
-# H100/H200 (330 s for the bench steps, 60 s for the kernels).
+# The whole GPU measurement in one go, in two parts that can also run alone:
 #
-#   bash bench/gpu_check.sh                 # from the repository root, on the GPU machine
-#   BENCH_SMOKE=1 BENCH_DEVICE=cpu BENCH_EXTRA_ARGS="--threads 1" bash bench/gpu_check.sh
-#                                           # the same steps, tiny, on a CPU (plumbing check)
+#   bash bench/gpu_check.sh          # both parts (at most ~10 minutes on an H100/H200)
+#   bash bench/gpu_check.sh hooks    # part 1 only: the hooks backend (issue 3), at most ~5 min
+#   bash bench/gpu_check.sh suite    # part 2 only: the benchmark suite, at most ~6.5 min
+#   BENCH_SMOKE=1 BENCH_DEVICE=cpu BENCH_EXTRA_ARGS="--threads 1" bash bench/gpu_check.sh suite
+#                                    # part 2, tiny, on a CPU (plumbing check)
 #
-# Steps (each under its own time limit, so one failure or stall never costs the rest):
+# Part 1, hooks (CIFAR ResNet-18, batch 256):
+#   h1. hooks vs a training step (forward+backward) side by side, fp32 with TF32 off, and
+#   h2. bf16 autocast + channels_last     (bench/hooks_vs_training_step.py)
+#   h3. where the time goes, fp32, and h4. bf16 + channels_last (bench/hooks_profile.py)
+#   h5. the CUDA tests: compiled kernels and the hooks backend against the per-sample loop
+#   h6. the Triton kernels against their torch references, the Gram form and cuDNN's batched
+#       weight gradient (bench/bench_kernels.py), and h7. the conv rows in bf16 channels_last
+# Part 2, suite (gradnorm-engine bench):
 #   1. CIFAR ResNet-18 fp32, batch 256: every method; engine backends at chunks 64..512
 #   2. pool-size scaling: rank_unlabeled on 10k, 100k, 1M synthetic samples (small CNN)
 #   3. CIFAR ResNet-18 bf16 and 4. tf32, batch 256
 #   5. MobileNetV3-small fp32 (224 px), batch 128;  6. the small transformer fp32, batch 128
 #   7. the scaling of step 2 with backend="vmap", for contrast
-#   8. the Triton kernels against their torch references (bench/bench_kernels.py)
 #
-# Writes into $OUT (default bench/results/gpu-run), at most 8 files: summary.md (every table
-# with the command that produced it: paste it into bench/results/<card>.md), resnet18-fp32.json
-# and .png, scaling.json, kernels.json, all.tar.gz (every JSON, plot, markdown and log), log.txt.
+# Writes into $OUT (default bench/results/gpu-run), refreshed after every step so a run cut
+# short still leaves what it measured: summary.md (every table with the command that produced
+# it: paste it into bench/results/<card>.md), log.txt, all.tar.gz (every JSON, plot, markdown
+# and log), and resnet18-fp32.json/.png, scaling.json, kernels.json when those steps ran.
 #
 # Needs python3 with a CUDA torch; no network and nothing to build: the package runs from this
 # checkout, staged into a scratch folder with kernels/ as gradnorm_engine.kernels (the installed
@@ -25,22 +33,25 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PYTHON:-python3}
+PART=${1:-all}
+case "$PART" in all|hooks|suite) ;; *) echo "usage: bash bench/gpu_check.sh [all|hooks|suite]" >&2; exit 2;; esac
+PY=$(realpath -s "$(command -v "${PYTHON:-python3}")")  # absolute: step h5 runs elsewhere
 DEVICE=${BENCH_DEVICE:-cuda}
 OUT=${OUT:-bench/results/gpu-run}
 WORK=$(mktemp -d)
 STAGE=$(mktemp -d)
 mkdir -p "$OUT"
 LOG="$WORK/log.txt"
-BUDGET_S=${BENCH_BUDGET_S:-330}   # hard cap for all steps together
-EXTRA=${BENCH_EXTRA_ARGS:-}       # appended to every bench command
+HOOKS_BUDGET_S=${BENCH_HOOKS_BUDGET_S:-290}   # hard cap for part 1
+BUDGET_S=${BENCH_BUDGET_S:-330}               # hard cap for part 2
+EXTRA=${BENCH_EXTRA_ARGS:-}                   # appended to every bench command
 
-cp -r gradnorm_engine "$STAGE/"
+cp -r gradnorm_engine pyproject.toml tests "$STAGE/"
 rm -rf "$STAGE/gradnorm_engine/kernels"
 cp -r kernels "$STAGE/gradnorm_engine/kernels"
 export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
 [ -d .gpu-deps ] && export PYTHONPATH="$PYTHONPATH:$(pwd)/.gpu-deps"
-export MPLBACKEND=Agg
+export MPLBACKEND=Agg PYTHONUNBUFFERED=1
 
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   # Plumbing check: tiny models and sizes, same steps and files.
@@ -54,7 +65,7 @@ else
 fi
 
 {
-  echo "# gpu_check.sh $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "# gpu_check.sh $PART $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "checkout: $(git rev-parse --short HEAD 2>/dev/null || echo 'no git metadata')"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,utilization.gpu \
     --format=csv 2>&1 || echo "nvidia-smi not available"
@@ -63,15 +74,45 @@ fi
   "$PY" -c "import gradnorm_engine.benchmark, gradnorm_engine.kernels; from gradnorm_engine.backends import BACKENDS; print('backends', list(BACKENDS))"
 } 2>&1 | tee "$LOG"
 
-# Engine backends other than the per-sample loop: the chunk sweep times those.
-SWEEP=$("$PY" -c "from gradnorm_engine.backends import BACKENDS; print(','.join(b for b in BACKENDS if b != 'loop'))")
+SECTIONS=()   # names of the markdown sections, in order, for summary.md
 
-START=$SECONDS
-step() {  # step NAME LIMIT_S ARGS...: one bench invocation with its own time limit
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET_S - (SECONDS - START)))
-  if [ "$left" -lt 20 ]; then echo "== $name: skipped, the time budget is spent" | tee -a "$LOG"; return; fi
-  [ "$limit" -gt "$left" ] && limit=$left
+save() {  # refresh $OUT: summary, log, the JSON/plots, everything as a tarball
+  {
+    echo "# Benchmark on $("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')" 2>/dev/null)"
+    echo
+    echo "Produced by \`bash bench/gpu_check.sh $PART\` ($(date -u '+%Y-%m-%d %H:%M UTC')); each section names its command."
+    echo
+    for name in "${SECTIONS[@]}"; do
+      if [ -f "$WORK/$name.md" ]; then cat "$WORK/$name.md"; else echo "## $name: no result (see log.txt)"; echo; fi
+    done
+  } >"$WORK/summary.md"
+  cp "$WORK/summary.md" "$LOG" "$OUT/"
+  for f in resnet18-fp32.json resnet18-fp32.png scaling.json kernels.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
+  tar czf "$OUT/all.tar.gz" -C "$WORK" . 2>/dev/null
+}
+
+limit_for() {  # limit_for LIMIT BUDGET START: the step's limit within what is left, or 0
+  local left=$(($2 - (SECONDS - $3)))
+  if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -gt "$left" ]; then echo "$left"; else echo "$1"; fi
+}
+
+script_step() {  # script_step NAME LIMIT TITLE COMMAND...: a script whose stdout is the section
+  local name=$1 limit; limit=$(limit_for "$2" "$HOOKS_BUDGET_S" "$HSTART"); local title=$3; shift 3
+  SECTIONS+=("$name")
+  if [ "$limit" = 0 ]; then echo "== $name: skipped, the time budget is spent" | tee -a "$LOG"; save; return; fi
+  echo "== $name (limit ${limit}s)" | tee -a "$LOG"
+  local t0=$SECONDS
+  { echo "## $title"; echo; echo "Command: \`$*\`"; echo; echo '```'
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"; echo "exit ${PIPESTATUS[0]}"
+    echo '```'; echo; } >"$WORK/$name.md"
+  echo "== $name: $(grep "^exit " "$WORK/$name.md" | tail -n 1) after $((SECONDS - t0))s" | tee -a "$LOG"
+  save
+}
+
+step() {  # step NAME LIMIT ARGS...: one bench invocation with its own time limit
+  local name=$1 limit; limit=$(limit_for "$2" "$BUDGET_S" "$START"); shift 2
+  SECTIONS+=("$name")
+  if [ "$limit" = 0 ]; then echo "== $name: skipped, the time budget is spent" | tee -a "$LOG"; save; return; fi
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$PY" -m gradnorm_engine.cli bench --device "$DEVICE" "$@" $EXTRA \
@@ -79,41 +120,44 @@ step() {  # step NAME LIMIT_S ARGS...: one bench invocation with its own time li
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
   [ "$rc" -ne 0 ] && tail -n 20 "$LOG"
+  save
 }
 
-step resnet18-fp32 90 --model resnet18 --dtype fp32 $B256 $R18 --chunk-sizes $CHUNKS --chunk-backends "$SWEEP"
-step scaling 75 --no-methods --scaling $POOLS --scaling-model small_cnn --dtype fp32
-step resnet18-bf16 45 --model resnet18 --dtype bf16 $B256 $R18
-step resnet18-tf32 45 --model resnet18 --dtype tf32 $B256 $R18
-step mobilenet-fp32 50 --model mobilenet_v3_small --dtype fp32 $B128 $SMALL
-step transformer-fp32 45 --model transformer --dtype fp32 $B128 $SMALL
-step scaling-vmap 45 --no-methods --scaling $POOLS --scaling-model small_cnn --scaling-backend vmap --dtype fp32
-
-# 8. kernels: a script of its own, not a bench subcommand; its table goes to the summary.
-left=$((BUDGET_S + 60 - (SECONDS - START)))
-if [ "$DEVICE" = cuda ] && [ "$left" -ge 20 ]; then
-  [ "$left" -gt 60 ] && left=60
-  echo "== kernels (limit ${left}s)" | tee -a "$LOG"
-  { echo "## Triton kernels vs torch references"; echo; echo "Command: \`python bench/bench_kernels.py --json kernels.json\`"; echo; echo '```'
-    timeout --kill-after=10 "$left" "$PY" bench/bench_kernels.py --json "$WORK/kernels.json" 2>&1; echo "exit $?"
-    echo '```'; echo; } >"$WORK/kernels.md"
-  tail -n 3 "$WORK/kernels.md" | tee -a "$LOG"
+if [ "$PART" != suite ]; then
+  HSTART=$SECONDS
+  B=256; [ "${BENCH_SMOKE:-0}" = 1 ] && B=4
+  script_step h1-hooks-fp32 50 "hooks vs a training step, fp32 (TF32 off), batch $B" \
+    "$PY" bench/hooks_vs_training_step.py --device "$DEVICE" --batch $B --repeats 15
+  script_step h2-hooks-bf16-cl 50 "hooks vs a training step, bf16 autocast + channels_last, batch $B" \
+    "$PY" bench/hooks_vs_training_step.py --device "$DEVICE" --batch $B --repeats 15 --autocast bf16 --channels-last
+  script_step h3-profile-fp32 45 "where the hooks time goes, fp32" \
+    "$PY" bench/hooks_profile.py --device "$DEVICE" --batch $B
+  script_step h4-profile-bf16-cl 45 "where the hooks time goes, bf16 + channels_last" \
+    "$PY" bench/hooks_profile.py --device "$DEVICE" --batch $B --autocast bf16 --channels-last
+  script_step h5-cuda-tests 100 "CUDA tests (compiled kernels, hooks vs the per-sample loop)" \
+    env -C "$STAGE" TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+  script_step h6-kernels 70 "Triton kernels vs torch references, Gram form, cuDNN batched weight gradient" \
+    "$PY" bench/bench_kernels.py --json "$WORK/kernels.json"
+  script_step h7-kernels-bf16-cl 40 "conv kernels in bf16 channels_last" \
+    "$PY" bench/bench_kernels.py --kernels conv --dtypes bf16 --channels-last --json "$WORK/kernels-bf16-cl.json"
+  echo "== part hooks: $((SECONDS - HSTART))s" | tee -a "$LOG"
 fi
-echo "== all steps: $((SECONDS - START))s" | tee -a "$LOG"
 
-{
-  echo "# Benchmark on $("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')" 2>/dev/null)"
-  echo
-  echo "Produced by \`bash bench/gpu_check.sh\` ($(date -u '+%Y-%m-%d %H:%M UTC')); each section names its command."
-  echo
-  for name in resnet18-fp32 scaling resnet18-bf16 resnet18-tf32 mobilenet-fp32 transformer-fp32 scaling-vmap kernels; do
-    if [ -f "$WORK/$name.md" ]; then cat "$WORK/$name.md"; else echo "## $name: no result (see log.txt)"; echo; fi
-  done
-} >"$WORK/summary.md"
+if [ "$PART" != hooks ]; then
+  # Engine backends other than the per-sample loop: the chunk sweep times those.
+  SWEEP=$("$PY" -c "from gradnorm_engine.backends import BACKENDS; print(','.join(b for b in BACKENDS if b != 'loop'))")
+  START=$SECONDS
+  step resnet18-fp32 90 --model resnet18 --dtype fp32 $B256 $R18 --chunk-sizes $CHUNKS --chunk-backends "$SWEEP"
+  step scaling 75 --no-methods --scaling $POOLS --scaling-model small_cnn --dtype fp32
+  step resnet18-bf16 45 --model resnet18 --dtype bf16 $B256 $R18
+  step resnet18-tf32 45 --model resnet18 --dtype tf32 $B256 $R18
+  step mobilenet-fp32 50 --model mobilenet_v3_small --dtype fp32 $B128 $SMALL
+  step transformer-fp32 45 --model transformer --dtype fp32 $B128 $SMALL
+  step scaling-vmap 45 --no-methods --scaling $POOLS --scaling-model small_cnn --scaling-backend vmap --dtype fp32
+  echo "== part suite: $((SECONDS - START))s" | tee -a "$LOG"
+fi
 
-cp "$WORK/summary.md" "$LOG" "$OUT/"
-for f in resnet18-fp32.json resnet18-fp32.png scaling.json kernels.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
-tar czf "$OUT/all.tar.gz" -C "$WORK" .
+save
 rm -rf "$STAGE"
 echo
 cat "$OUT/summary.md"

@@ -1,0 +1,117 @@
+"""The CUDA paths against the per-sample loop: compiled Triton kernels inside the conv and linear
+rules, the hooks backend on whole models, autocast and channels_last on a real GPU.
+
+Skipped where no GPU is visible (CI). On a GPU machine run them with the kernels compiled, not
+interpreted:
+
+    TRITON_INTERPRET=0 python -m pytest -q tests/test_cuda.py
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from torch import nn
+
+from gradnorm_engine import score_pool
+from gradnorm_engine.kernels import conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm
+from gradnorm_engine.kernels._dispatch import is_interpreted
+from gradnorm_engine.kernels.conv2d_weight_grad import _conv2d_weight_grad_sqnorm_kernel
+from gradnorm_engine.models import cifar_resnet18
+from gradnorm_engine.norms.conv import _paddings, materialise_with_kernels
+from gradnorm_engine.testing import check_rule
+from tests.architectures import ARCHITECTURES
+from tests.reference import max_rel_err, reference_scores
+from tests.test_norms_conv import _weight_only_rule, conv_layers
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(is_interpreted(_conv2d_weight_grad_sqnorm_kernel),
+                       reason="kernels decorated for Triton's interpreter: run with TRITON_INTERPRET=0"),
+]
+CUDA = torch.device("cuda")
+
+
+@settings(max_examples=12, deadline=None)
+@given(case=conv_layers(dims=(1, 2)))
+def test_compiled_conv_kernel_path_matches_the_loop_in_float64(case):
+    layer, x = case
+    if layer.bias is not None:
+        layer.bias.requires_grad_(False)
+    rule = _weight_only_rule(lambda lay, xx, g: materialise_with_kernels(lay, xx, g, _paddings(lay)))
+    check_rule(layer.to(CUDA), x.to(CUDA), rule=rule)
+
+
+@settings(max_examples=8, deadline=None)
+@given(case=conv_layers())
+def test_conv_rule_on_cuda_matches_the_loop_in_float32(case):
+    layer, x = case
+    check_rule(layer.to(CUDA), x.to(CUDA), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
+def test_kernels_at_resnet_shapes_match_float64(dtype, rtol):
+    """bf16 inputs: exact products in fp32, so only the fp32 sums differ from float64."""
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    for C, H, O, k, s, p in ((64, 32, 64, 3, 1, 1), (64, 32, 128, 3, 2, 1), (64, 32, 128, 1, 2, 0),
+                             (256, 8, 256, 3, 1, 1)):
+        Ho = (H + 2 * p - k) // s + 1
+        x = torch.randn(7, C, H, H, device=CUDA, generator=gen).to(dtype)
+        g = torch.randn(7, O, Ho, Ho, device=CUDA, generator=gen).to(dtype)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xl, gl = x.to(memory_format=layout), g.to(memory_format=layout)
+            got = conv2d_weight_grad_sqnorm(xl, gl, k, s, p, impl="triton")
+            want = conv2d_weight_grad_sqnorm(x.double(), g.double(), k, s, p, impl="torch")
+            assert max_rel_err(got, want) < rtol, (C, H, O, k, s, layout)
+    a = torch.randn(5, 64, 256, device=CUDA, generator=gen).to(dtype)
+    g = torch.randn(5, 64, 384, device=CUDA, generator=gen).to(dtype)
+    got = linear_weight_grad_sqnorm(a, g, impl="triton")
+    assert max_rel_err(got, linear_weight_grad_sqnorm(a.double(), g.double(), impl="torch")) < rtol
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_every_architecture_on_cuda_matches_the_loop_in_float64(name):
+    factory, make_input = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = factory().double().to(CUDA)
+    x = make_input(5)
+    x = (x.double() if x.is_floating_point() else x).to(CUDA)
+    want = reference_scores(model, x)
+    for backend in ("hooks", "vmap"):
+        got = score_pool(model, [x[:2], x[2:]], backend=backend, progress=False)
+        assert max_rel_err(got, want) < 1e-9, (name, backend)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_resnet18_float32_on_cuda_matches_the_loop(channels_last):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = cifar_resnet18().to(CUDA)
+    x = torch.randn(6, 3, 32, 32, device=CUDA)
+    want = reference_scores(model, x)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    got = score_pool(model, [x], backend="hooks", progress=False)
+    assert max_rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_resnet18_autocast_channels_last_on_cuda_is_close_to_the_loop(autocast):
+    """Low-precision forwards differ between a batch and one sample; fp32 accumulation keeps the
+    scores within a few percent of the per-sample loop under the same autocast."""
+    torch.manual_seed(0)
+    model = cifar_resnet18().to(CUDA).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 32, 32, device=CUDA).to(memory_format=torch.channels_last)
+    got = score_pool(model, [x], backend="hooks", autocast=autocast, progress=False)
+    loop = score_pool(model, [x], backend="loop", autocast=autocast, progress=False)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, loop, rtol=5e-2, atol=1e-6)
+
+
+def test_no_model_state_changes_on_cuda():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4)).to(CUDA)
+    model(torch.randn(2, 3, 8, 8, device=CUDA))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    score_pool(model, [torch.randn(5, 3, 8, 8, device=CUDA)], backend="hooks", progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
