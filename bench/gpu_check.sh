@@ -4,6 +4,7 @@
 #   bash bench/gpu_check.sh          # both parts (at most ~10 minutes on an H100/H200)
 #   bash bench/gpu_check.sh hooks    # part 1 only: the hooks backend (issue 3), at most ~5 min
 #   bash bench/gpu_check.sh suite    # part 2 only: the benchmark suite, at most ~6.5 min
+#   bash bench/gpu_check.sh tests    # step h5 only: the CUDA tests, at most ~2.5 min
 #   BENCH_SMOKE=1 BENCH_DEVICE=cpu BENCH_EXTRA_ARGS="--threads 1" bash bench/gpu_check.sh suite
 #                                    # part 2, tiny, on a CPU (plumbing check)
 #
@@ -34,7 +35,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PART=${1:-all}
-case "$PART" in all|hooks|suite) ;; *) echo "usage: bash bench/gpu_check.sh [all|hooks|suite]" >&2; exit 2;; esac
+case "$PART" in all|hooks|suite|tests) ;; *) echo "usage: bash bench/gpu_check.sh [all|hooks|suite|tests]" >&2; exit 2;; esac
 PY=$(realpath -s "$(command -v "${PYTHON:-python3}")")  # absolute: step h5 runs elsewhere
 DEVICE=${BENCH_DEVICE:-cuda}
 OUT=${OUT:-bench/results/gpu-run}
@@ -71,7 +72,7 @@ fi
     --format=csv 2>&1 || echo "nvidia-smi not available"
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
   "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 || true
-  "$PY" -c "import gradnorm_engine.benchmark, gradnorm_engine.kernels; from gradnorm_engine.backends import BACKENDS; print('backends', list(BACKENDS))"
+  env -C "$STAGE" "$PY" -c "import gradnorm_engine.benchmark, gradnorm_engine.kernels; from gradnorm_engine.backends import BACKENDS; print('backends', list(BACKENDS))"
 } 2>&1 | tee "$LOG"
 
 SECTIONS=()   # names of the markdown sections, in order, for summary.md
@@ -123,7 +124,13 @@ step() {  # step NAME LIMIT ARGS...: one bench invocation with its own time limi
   save
 }
 
-if [ "$PART" != suite ]; then
+if [ "$PART" = tests ]; then
+  HSTART=$SECONDS
+  script_step h5-cuda-tests 150 "CUDA tests (compiled kernels, hooks vs the per-sample loop)" \
+    env -C "$STAGE" TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_cuda.py
+fi
+
+if [ "$PART" = all ] || [ "$PART" = hooks ]; then
   HSTART=$SECONDS
   B=256; [ "${BENCH_SMOKE:-0}" = 1 ] && B=4
   script_step h1-hooks-fp32 50 "hooks vs a training step, fp32 (TF32 off), batch $B" \
@@ -135,7 +142,7 @@ if [ "$PART" != suite ]; then
   script_step h4-profile-bf16-cl 45 "where the hooks time goes, bf16 + channels_last" \
     "$PY" bench/hooks_profile.py --device "$DEVICE" --batch $B --autocast bf16 --channels-last
   script_step h5-cuda-tests 100 "CUDA tests (compiled kernels, hooks vs the per-sample loop)" \
-    env -C "$STAGE" TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    env -C "$STAGE" TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_cuda.py
   script_step h6-kernels 70 "Triton kernels vs torch references, Gram form, cuDNN batched weight gradient" \
     "$PY" bench/bench_kernels.py --json "$WORK/kernels.json"
   script_step h7-kernels-bf16-cl 40 "conv kernels in bf16 channels_last" \
@@ -143,7 +150,7 @@ if [ "$PART" != suite ]; then
   echo "== part hooks: $((SECONDS - HSTART))s" | tee -a "$LOG"
 fi
 
-if [ "$PART" != hooks ]; then
+if [ "$PART" = all ] || [ "$PART" = suite ]; then
   # Engine backends other than the per-sample loop: the chunk sweep times those.
   SWEEP=$("$PY" -c "from gradnorm_engine.backends import BACKENDS; print(','.join(b for b in BACKENDS if b != 'loop'))")
   START=$SECONDS
