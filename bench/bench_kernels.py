@@ -1,6 +1,6 @@
 """Time each fused kernel against its torch reference at CIFAR ResNet-18 shapes.
 
-    python bench/bench_kernels.py                       # GPU: B=256 convs, B=64 sumsq, fp32 + bf16
+    python bench/bench_kernels.py                       # GPU: B=256 convs/BN, B=64 sumsq, fp32 + bf16
     python bench/bench_kernels.py --batch 8 --sumsq-batch 2 --repeats 5   # CPU: references only
 
 On CUDA every row times the Triton kernel (impl="triton") and the reference (impl="torch") with
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from gradnorm_engine.kernels import conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm, per_sample_sumsq
+from gradnorm_engine.kernels import (batch_norm_grad_sqnorm, conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm,
+                                    per_sample_sumsq)
 from gradnorm_engine.models import cifar_resnet18
 from gradnorm_engine.norms.conv import conv_weight_sqnorm
 
@@ -149,6 +150,28 @@ def bench_linear(args, device, timer, dtype_name):
     return rows
 
 
+def bench_bn(args, device, timer, dtype_name):
+    """The BatchNorm rule's one-pass kernel at the four BatchNorm input shapes of CIFAR ResNet-18."""
+    dtype = DTYPES[dtype_name]
+    rows = []
+    for C, H in ((64, 32), (128, 16), (256, 8), (512, 4)):
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = (torch.randn(args.batch, C, H, H, device=device, generator=gen) + 1).to(dtype)
+        gy = torch.randn(args.batch, C, H, H, device=device, generator=gen).to(dtype)
+        if args.channels_last:
+            x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
+        mean = torch.randn(C, device=device, generator=gen)
+        inv_std = torch.rand(C, device=device, generator=gen) + 0.5
+        run = lambda impl: torch.stack(batch_norm_grad_sqnorm(x, gy, mean, inv_std, impl=impl))  # noqa: E731
+        truth = lambda: torch.stack(batch_norm_grad_sqnorm(  # noqa: E731
+            x.double(), gy.double(), mean.double(), inv_std.double(), impl="torch"))
+        rows.append(compare(f"batch_norm {C}x{H}x{H}", run, truth, device, timer,
+                            {"kernel": "batch_norm_grad_sqnorm", "dtype": dtype_name, "batch": args.batch,
+                             "shape": f"{C}x{H}x{H}", "channels_last": args.channels_last}))
+        del x, gy
+    return rows
+
+
 def copy_bandwidth_gbs(numel, dtype, device, timer) -> float:
     """Device-to-device copy bandwidth (read + write bytes / time) at the same footprint."""
     src = torch.empty(numel, dtype=dtype, device=device).normal_()
@@ -214,7 +237,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=256 if cuda else 8, help="B for conv/linear rows")
     parser.add_argument("--sumsq-batch", type=int, default=64 if cuda else 2, help="B for per_sample_sumsq")
     parser.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16, fp16")
-    parser.add_argument("--kernels", default="conv,linear,sumsq", help="comma list of conv, linear, sumsq")
+    parser.add_argument("--kernels", default="conv,bn,linear,sumsq", help="comma list of conv, bn, linear, sumsq")
     parser.add_argument("--channels-last", action="store_true", help="conv rows in channels_last layout")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per row on CPU (GPU: do_bench)")
     parser.add_argument("--interpret", action="store_true",
@@ -234,7 +257,7 @@ def main(argv=None) -> int:
     print(f"device: {device_name}; torch {torch.__version__}"
           + ("" if cuda or args.interpret else "; no GPU: only the torch references are timed")
           + ("; kernels in Triton's INTERPRETER (timings meaningless)" if args.interpret and not cuda else ""))
-    benches = {"conv": bench_conv, "linear": bench_linear, "sumsq": bench_sumsq}
+    benches = {"conv": bench_conv, "bn": bench_bn, "linear": bench_linear, "sumsq": bench_sumsq}
     rows = []
     for dtype_name in args.dtypes.split(","):
         for kernel in args.kernels.split(","):

@@ -14,7 +14,7 @@
 #   h3. where the time goes, fp32, and h4. bf16 + channels_last (bench/hooks_profile.py)
 #   h5. the CUDA tests: compiled kernels and the hooks backend against the per-sample loop
 #   h6. the Triton kernels against their torch references, the Gram form and cuDNN's batched
-#       weight gradient (bench/bench_kernels.py), and h7. the conv rows in bf16 channels_last
+#       weight gradient (bench/bench_kernels.py), and h7. the conv and BatchNorm rows in bf16 channels_last
 # Part 2, suite (gradnorm-engine bench):
 #   1. CIFAR ResNet-18 fp32, batch 256: every method; engine backends at chunks 64..512
 #   2. pool-size scaling: rank_unlabeled on 10k, 100k, 1M synthetic samples (small CNN)
@@ -146,7 +146,7 @@ if [ "$PART" = all ] || [ "$PART" = hooks ]; then
   script_step h6-kernels 70 "Triton kernels vs torch references, Gram form, cuDNN batched weight gradient" \
     "$PY" bench/bench_kernels.py --json "$WORK/kernels.json"
   script_step h7-kernels-bf16-cl 40 "conv kernels in bf16 channels_last" \
-    "$PY" bench/bench_kernels.py --kernels conv --dtypes bf16 --channels-last --json "$WORK/kernels-bf16-cl.json"
+    "$PY" bench/bench_kernels.py --kernels conv,bn --dtypes bf16 --channels-last --json "$WORK/kernels-bf16-cl.json"
   echo "== part hooks: $((SECONDS - HSTART))s" | tee -a "$LOG"
 fi
 

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from gradnorm_engine.backends.hooks import HooksBackend  # noqa: E402
 from gradnorm_engine.job import eval_mode, make_job  # noqa: E402
+from gradnorm_engine.kernels import _dispatch  # noqa: E402
 from gradnorm_engine.models import cifar_resnet18  # noqa: E402
 from gradnorm_engine.norms.forms import prefer_gram  # noqa: E402
 
@@ -199,6 +200,8 @@ def main(argv=None) -> int:
             print()
             print("torch.profiler, one hooks call, top kernels by CUDA time:")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    if _dispatch._FAILED:
+        print(f"KERNELS THAT FELL BACK TO THEIR TORCH REFERENCE: {_dispatch._FAILED}")
     return 0
 
 

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from gradnorm_engine.backends.hooks import HooksBackend  # noqa: E402
 from gradnorm_engine.backends.loop import LoopBackend  # noqa: E402
 from gradnorm_engine.job import eval_mode, make_job  # noqa: E402
+from gradnorm_engine.kernels import _dispatch  # noqa: E402
 from gradnorm_engine.models import cifar_resnet18  # noqa: E402
 
 
@@ -122,6 +123,8 @@ def main(argv=None) -> int:
               f"(target >= {target})")
     if device.type == "cuda":
         print(f"peak memory hooks / fwd+bwd: {peak['hooks'] / max(peak['fwd+bwd'], 1e-9):.2f}x (target <= 1.5x)")
+    if _dispatch._FAILED:
+        print(f"KERNELS THAT FELL BACK TO THEIR TORCH REFERENCE: {_dispatch._FAILED}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Choosing between a Triton kernel and its torch reference, honestly.
 
 ``impl="torch"`` always runs the reference. ``impl="auto"`` runs the compiled Triton kernel when
-every tensor is on CUDA, the reference otherwise (also when the kernels were decorated for the
-interpreter, a correctness tool far slower than the reference). ``impl="triton"`` insists on the
+every tensor is on CUDA and none is float64, the reference otherwise: float64 is for exactness
+checks, where cuBLAS's float64 products are as good and no faster path matters; and when the
+kernels were decorated for the interpreter, a correctness tool far slower than the reference. ``impl="triton"`` insists on the
 kernel: on CUDA tensors it compiles it; on CPU tensors it runs only in Triton's interpreter.
 
 Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` *decorates* a function (triton/runtime/
@@ -12,7 +13,8 @@ the decorated kernel object what it is instead of reading the environment.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,6 +34,29 @@ def is_interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+class KernelFallbackWarning(UserWarning):
+    """A Triton kernel failed to compile or launch; its torch reference runs instead from now on."""
+
+
+_FAILED: dict[str, str] = {}   # kernel name -> why it failed; "auto" then uses the reference
+
+
+def run_with_fallback(impl: str, name: str, kernel_call: Callable, reference_call: Callable):
+    """Run the Triton path; under impl="auto" a failure (a Triton too old for the kernel, a
+    compiler bug on this card) warns once and runs the exact torch reference, now and later.
+    impl="triton" and out-of-memory errors raise as they are."""
+    try:
+        return kernel_call()
+    except Exception as err:  # noqa: BLE001 - any compiler or launch failure
+        if impl == "triton" or isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err):
+            raise
+        _FAILED[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        warnings.warn(f"{name}: the Triton kernel failed ({_FAILED[name]}); using its exact torch reference "
+                      "instead (slower). Please report this with your triton and torch versions.",
+                      KernelFallbackWarning, stacklevel=3)
+        return reference_call()
+
+
 def use_triton(impl: str, tensors: Sequence[torch.Tensor], kernel, name: str) -> bool:
     """Resolve ``impl`` for ``name``: True to launch ``kernel``, False to run the reference.
 
@@ -43,7 +68,8 @@ def use_triton(impl: str, tensors: Sequence[torch.Tensor], kernel, name: str) ->
         return False
     on_cuda = all(t.is_cuda for t in tensors)
     if impl == "auto":
-        return TRITON_AVAILABLE and kernel is not None and on_cuda and not is_interpreted(kernel)
+        return (TRITON_AVAILABLE and kernel is not None and on_cuda and not is_interpreted(kernel)
+                and not any(t.dtype == torch.float64 for t in tensors) and name not in _FAILED)
     # impl == "triton"
     if not TRITON_AVAILABLE or kernel is None:
         raise RuntimeError(f"{name}: impl='triton' needs the triton package; install it "

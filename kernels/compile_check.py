@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import os
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from ._blocks import FP32_DOT_PRECISION
 
 # Argument types per storage dtype: (pointer type of the inputs, accumulator type name, tl types).
 _DTYPES = {
@@ -40,6 +43,7 @@ def _module(name: str):
 def _jobs(dtype: str):
     """(kernel name, jit function, signature, constexprs) for one storage dtype."""
     ptr, acc, tl_in, tl_acc = _DTYPES[dtype]
+    precision = FP32_DOT_PRECISION if dtype == "fp32" else "ieee"
     pss = _module("per_sample_sumsq")
     lin = _module("linear_weight_grad")
     conv = _module("conv2d_weight_grad")
@@ -52,18 +56,26 @@ def _jobs(dtype: str):
            {"partials": f"*{acc}", "seg_start": "*i64", "seg_end": "*i64", "out": f"*{acc}",
             "n_items": "i32", "n_seg": "i32"},
            {"BLOCK": pss.SEGMENT_BLOCK})
+    bn = _module("batch_norm_grad")
+    yield ("batch_norm_grad", bn._batch_norm_grad_sqnorm_kernel,
+           {"x": f"*{ptr}", "g": f"*{ptr}", "mean": f"*{acc}", "inv_std": f"*{acc}",
+            "partial_w": f"*{acc}", "partial_b": f"*{acc}",
+            **{n: "i32" for n in ("C", "L", "sxb", "sxc", "sxl", "sgb", "sgc", "sgl", "n_blocks")}},
+           {"ACC": tl_acc, "BC": 8, "BL": 256})
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
     yield ("linear_weight_grad", lin._linear_weight_grad_sqnorm_kernel,
            {"a": f"*{ptr}", "g": f"*{ptr}", "partials": f"*{acc}",
             **ints("T", "D", "P", "sab", "sat", "sad", "sgb", "sgt", "sgp", "n_tiles_d", "n_tiles")},
-           {"DOT": tl_in, "ACC": tl_acc, "BP": 64, "BD": 64, "BT": 32})
-    for k, s, p in ((3, 1, 1), (1, 2, 0)):  # the 3x3 convs and the strided 1x1 shortcuts
+           {"DOT": tl_in, "ACC": tl_acc, "PRECISION": precision, "BP": 64, "BD": 64, "BT": 32})
+    for (k, s, p), tap_major in itertools.product(((3, 1, 1), (1, 2, 0)), (False, True)):
+        # the 3x3 convs and the strided 1x1 shortcuts, NCHW and channels_last
         yield ("conv2d_weight_grad", conv._conv2d_weight_grad_sqnorm_kernel,
                {"x": f"*{ptr}", "go": f"*{ptr}", "partials": f"*{acc}",
                 **ints("H", "W", "Wo", "L", "Cg", "Og", "K", "n_tiles_o", "n_tiles_k", "n_tiles",
                        "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh", "sgw")},
                {"KH": k, "KW": k, "SH": s, "SW": s, "PH": p, "PW": p, "DH": 1, "DW": 1,
-                "DOT": tl_in, "ACC": tl_acc, "BO": 64, "BK": 64, "BL": 64})
+                "DOT": tl_in, "ACC": tl_acc, "PRECISION": precision, "TAP_MAJOR": tap_major,
+                "BO": 64, "BK": 64, "BL": 64})
 
 
 def compile_all(arch: int = 90, kernels=None, dtypes=("fp32", "bf16", "fp64"), log=print) -> int:
@@ -96,7 +108,7 @@ def compile_in_subprocess(kernels, arch: int = 90, dtypes: str = "fp32,bf16,fp64
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kernels", nargs="*", help="per_sample_sumsq, linear_weight_grad, conv2d_weight_grad")
+    parser.add_argument("kernels", nargs="*", help="per_sample_sumsq, linear_weight_grad, conv2d_weight_grad, batch_norm_grad")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--dtypes", default="fp32,bf16,fp64")
     args = parser.parse_args(argv)

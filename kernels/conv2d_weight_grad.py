@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._blocks import dot_dtype, pow2_block
-from ._dispatch import TRITON_AVAILABLE, accum_dtype, is_interpreted, use_triton
+from ._blocks import dot_dtype, dot_precision, pow2_block
+from ._dispatch import TRITON_AVAILABLE, accum_dtype, is_interpreted, run_with_fallback, use_triton
 
 if TRITON_AVAILABLE:
     import triton
@@ -37,12 +37,15 @@ if TRITON_AVAILABLE:
             sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
             PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-            DOT: tl.constexpr, ACC: tl.constexpr,
+            DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, TAP_MAJOR: tl.constexpr,
             BO: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr):
         """partials[b, tile] = sum_{o in tile_o, k in tile_k} (sum_l go[b,o,l] * patch[b,l,k])^2.
 
         Grid (G * n_tiles_o * n_tiles_k, B); l = y*W' + z runs over the L = H'*W' output
-        positions; strides in elements, any layout (NCHW, channels_last, views).
+        positions; strides in elements, any layout (NCHW, channels_last, views). The sum over
+        (o, k) does not depend on how taps are numbered, so k runs channel-major
+        (k = c*KH*KW + tap: neighbouring taps are neighbouring pixels, for NCHW) or tap-major
+        (k = tap*Cg + c: neighbouring channels are neighbouring addresses, for channels_last).
         """
         tile = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -50,8 +53,12 @@ if TRITON_AVAILABLE:
         rest = tile % (n_tiles_o * n_tiles_k)
         offs_o = (rest // n_tiles_k) * BO + tl.arange(0, BO)     # output channel within group
         offs_k = (rest % n_tiles_k) * BK + tl.arange(0, BK)      # tap (c, i, j) within group
-        c = offs_k // (KH * KW)
-        tap = offs_k % (KH * KW)
+        if TAP_MAJOR:
+            tap = offs_k // Cg
+            c = offs_k % Cg
+        else:
+            c = offs_k // (KH * KW)
+            tap = offs_k % (KH * KW)
         di = (tap // KW) * DH - PH                               # row offset of the tap
         dj = (tap % KW) * DW - PW                                # column offset of the tap
         o_ok = offs_o < Og
@@ -71,7 +78,7 @@ if TRITON_AVAILABLE:
             inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             x_tile = tl.load(x_cols[None, :] + ih * sxh + iw * sxw,
                              mask=inside & l_ok[:, None] & k_ok[None, :], other=0.0)      # (BL, BK)
-            acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision="ieee")
+            acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
         tl.store(partials + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 else:  # pragma: no cover
     _conv2d_weight_grad_sqnorm_kernel = None
@@ -143,7 +150,8 @@ def _conv2d_weight_grad_sqnorm_triton(x, grad_out, kernel_size, stride, padding,
             x, grad_out, partials, H, W, Wo, L, Cg, Og, K, n_tiles_o, n_tiles_k, n_tiles,
             *x.stride(), *grad_out.stride(),
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
-            DOT=_TL[dot], ACC=_TL[acc], BO=BO, BK=BK, BL=BL)
+            DOT=_TL[dot], ACC=_TL[acc], PRECISION=dot_precision(dot),
+            TAP_MAJOR=x.stride(1) < x.stride(3), BO=BO, BK=BK, BL=BL)
     else:
         partials.zero_()
     return partials.sum(dim=1)  # fixed-order reduction over tiles
@@ -158,4 +166,7 @@ def conv2d_weight_grad_sqnorm(x: torch.Tensor, grad_out: torch.Tensor, kernel_si
     if not use_triton(impl, (x, grad_out), _conv2d_weight_grad_sqnorm_kernel, "conv2d_weight_grad_sqnorm"):
         return conv2d_weight_grad_sqnorm_reference(x, grad_out, kernel_size, stride, padding,
                                                    dilation, groups)
-    return _conv2d_weight_grad_sqnorm_triton(x, grad_out, kernel_size, stride, padding, dilation, groups)
+    return run_with_fallback(
+        impl, "conv2d_weight_grad_sqnorm",
+        lambda: _conv2d_weight_grad_sqnorm_triton(x, grad_out, kernel_size, stride, padding, dilation, groups),
+        lambda: conv2d_weight_grad_sqnorm_reference(x, grad_out, kernel_size, stride, padding, dilation, groups))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._dispatch import TRITON_AVAILABLE, is_interpreted, use_triton
+from ._dispatch import TRITON_AVAILABLE, is_interpreted, run_with_fallback, use_triton
 
 # One program reduces CHUNK = BLOCK * ITERS entries of one sample of one tensor.
 BLOCK = 1024
@@ -208,4 +208,5 @@ def per_sample_sumsq(tensors: Sequence[torch.Tensor], per_tensor: bool = False, 
     if tensors[0].is_cuda and is_interpreted(_per_sample_sumsq_kernel):
         # The interpreter reads raw host addresses from the pointer table: run on CPU copies.
         return _per_sample_sumsq_triton([t.cpu() for t in tensors], per_tensor).to(tensors[0].device)
-    return _per_sample_sumsq_triton(tensors, per_tensor)
+    return run_with_fallback(impl, "per_sample_sumsq", lambda: _per_sample_sumsq_triton(tensors, per_tensor),
+                             lambda: per_sample_sumsq_reference(tensors, per_tensor=per_tensor))

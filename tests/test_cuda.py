@@ -12,7 +12,8 @@ from hypothesis import Phase, given, settings
 from torch import nn
 
 from gradnorm_engine import score_pool
-from gradnorm_engine.kernels import conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm, per_sample_sumsq
+from gradnorm_engine.kernels import (batch_norm_grad_sqnorm, conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm,
+                                    per_sample_sumsq)
 from gradnorm_engine.kernels._dispatch import is_interpreted
 from gradnorm_engine.kernels.conv2d_weight_grad import _conv2d_weight_grad_sqnorm_kernel
 from gradnorm_engine.models import cifar_resnet18
@@ -28,6 +29,17 @@ pytestmark = [
                        reason="kernels decorated for Triton's interpreter: run with TRITON_INTERPRET=0"),
 ]
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _full_float32():
+    """cuDNN and cuBLAS default to TF32 for float32 on this hardware, which would make the
+    per-sample loop itself the least exact side of every float32 comparison."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
 # Every new conv geometry compiles new kernel variants (seconds each): no shrinking on a failure.
 NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
 
@@ -70,6 +82,16 @@ def test_kernels_at_resnet_shapes_match_float64(dtype, rtol):
         got = linear_weight_grad_sqnorm(a, g, impl="triton")
         err = max_rel_err(got, linear_weight_grad_sqnorm(a.double(), g.double(), impl="torch"))
         assert err < rtol, (T, d, p, err)
+    mean, inv_std = torch.randn(64, device=CUDA, generator=gen), torch.rand(64, device=CUDA, generator=gen) + 0.5
+    for shape in ((7, 64, 32, 32), (7, 64, 4, 4), (7, 64)):
+        x = (torch.randn(*shape, device=CUDA, generator=gen) + 1).to(dtype)
+        g = torch.randn(*shape, device=CUDA, generator=gen).to(dtype)
+        want = batch_norm_grad_sqnorm(x.double(), g.double(), mean.double(), inv_std.double(), impl="torch")
+        for layout in ((torch.contiguous_format, torch.channels_last) if len(shape) == 4 else (None,)):
+            xl, gl = (x, g) if layout is None else (x.to(memory_format=layout), g.to(memory_format=layout))
+            got = batch_norm_grad_sqnorm(xl, gl, mean, inv_std, impl="triton")
+            errs = [max_rel_err(a, b) for a, b in zip(got, want)]
+            assert max(errs) < rtol, ("batch_norm", shape, layout, errs)
     grads = [torch.randn(3, *shape, device=CUDA, generator=gen).to(dtype)
              for shape in ((7,), (5, 4), (64, 64, 3, 3), (100_003,))]
     got = per_sample_sumsq(grads, per_tensor=True, impl="triton")
@@ -93,8 +115,6 @@ def test_every_architecture_on_cuda_matches_the_loop_in_float64(name):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_resnet18_float32_on_cuda_matches_the_loop(channels_last):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model = cifar_resnet18().to(CUDA)
     x = torch.randn(6, 3, 32, 32, device=CUDA)

@@ -43,10 +43,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])  # channel-major / tap-major tap order
 @pytest.mark.parametrize("name", list(CASES))
-def test_triton_matches_autograd_and_reference(name):
+def test_triton_matches_autograd_and_reference(name, layout):
     B, C, H, W, O, k, s, p, d, g = CASES[name]
     x, gy, conv = _case(B, C, H, W, O, k, s, p, d, g)
+    if layout == "channels_last":
+        x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
     out = conv2d_weight_grad_sqnorm(x, gy, k, s, p, d, g, impl="triton")
     assert out.shape == (B,) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), _autograd_truth(x, gy, conv), rtol=FP32_RTOL, atol=0)

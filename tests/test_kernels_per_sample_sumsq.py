@@ -169,22 +169,3 @@ def test_compiles_for_hopper_without_a_gpu():
     done = compile_in_subprocess(["per_sample_sumsq"], arch=90)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fp32" in done.stdout and "bf16" in done.stdout and "fp64" in done.stdout
-
-
-def test_dispatch_rules():
-    from types import SimpleNamespace
-
-    from gradnorm_engine.kernels._dispatch import use_triton
-
-    cuda, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
-    compiled = object()                      # stands for a JITFunction (not interpreted)
-    interpreted = pss._per_sample_sumsq_kernel
-    assert use_triton("auto", [cuda, cuda], compiled, "k") is True
-    assert use_triton("auto", [cuda], interpreted, "k") is False  # the interpreter is not a fast path
-    assert use_triton("auto", [cpu], compiled, "k") is False
-    assert use_triton("torch", [cuda], compiled, "k") is False
-    assert use_triton("triton", [cpu], interpreted, "k") is True
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        use_triton("triton", [cpu], compiled, "k")
-    with pytest.raises(RuntimeError, match="one device"):
-        use_triton("triton", [cpu, cuda], interpreted, "k")

@@ -178,11 +178,12 @@ class HooksBackend(Backend):
         job = self.job
         calls: list[_Call] = []
         missed: set[int] = set()   # parameters a rule did not return: they go to the fallback
+        found: dict[int, torch.Tensor] = {}   # column -> per-sample squared norms from the rules
         handles = []
         try:
             for module, rule, mine in self.ruled:
                 handles.append(module.register_forward_hook(
-                    self._recorder(module, rule, mine, calls, out, missed, x.shape[0])))
+                    self._recorder(module, rule, mine, calls, found, missed, x.shape[0])))
             loss = job.losses(x).sum()
         finally:
             for h in handles:
@@ -212,10 +213,13 @@ class HooksBackend(Backend):
             # traversed by Python's collector, so the cycle would keep every chunk's graph alive.
             for c in calls:
                 c.inputs = c.edge = c.node = None
+        if found:  # one write for all columns instead of one per parameter
+            cols = list(found)
+            out[:, cols] = torch.stack([found[j].to(out.dtype) for j in cols], dim=1)
         covered -= missed
         return {id(p) for _, p in job.params if uses.get(id(p), 0) > 0 and id(p) not in covered}
 
-    def _recorder(self, module, rule, mine, calls: list, out: torch.Tensor, missed: set, batch: int):
+    def _recorder(self, module, rule, mine, calls: list, found: dict, missed: set, batch: int):
         columns = self.columns
 
         def on_forward(_module, inputs, output):
@@ -236,7 +240,8 @@ class HooksBackend(Backend):
                 call.inputs = None  # nothing is kept past its layer
                 for p in mine:
                     if id(p) in norms:
-                        out[:, columns[id(p)]] += norms[id(p)].to(out.dtype)
+                        col = columns[id(p)]
+                        found[col] = found[col] + norms[id(p)] if col in found else norms[id(p)]
                     else:
                         missed.add(id(p))
 

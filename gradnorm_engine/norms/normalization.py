@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import batch_norm_grad_sqnorm
 from .registry import accum_dtype, register_norm_rule, wants
 
 
@@ -42,18 +43,14 @@ def batch_norm_norms(layer: nn.modules.batchnorm._BatchNorm, inputs: tuple, grad
             "per-sample gradients are not defined by one batched backward")
     x, g = inputs[0], grad_outputs[0]
     acc = accum_dtype(x, g)
-    batch, channels = x.shape[:2]
-    view = (1, -1) + (1,) * (x.dim() - 2)
-    centred = (x.to(acc) - layer.running_mean.to(acc).view(view)).reshape(batch, channels, -1)  # (B, C, L)
-    g = g.to(acc).reshape(batch, channels, -1)                                                  # (B, C, L)
+    inv_std = torch.rsqrt(layer.running_var.to(acc) + layer.eps)
+    # One fused pass over x and g on CUDA (gradnorm_engine.kernels), its torch reference elsewhere.
+    weight_sq, bias_sq = batch_norm_grad_sqnorm(x, g, layer.running_mean.to(acc), inv_std)
     out = {}
     if wants(layer.weight):
-        # sum_l g * xhat = inv_std * sum_l g * (x - mean): one batched dot, no g * xhat tensor
-        dots = torch.einsum("bcl,bcl->bc", g, centred)
-        inv_std = torch.rsqrt(layer.running_var.to(acc) + layer.eps)
-        out[layer.weight] = (dots * inv_std).pow(2).sum(dim=1)
+        out[layer.weight] = weight_sq
     if wants(layer.bias):
-        out[layer.bias] = g.sum(dim=2).pow(2).sum(dim=1)
+        out[layer.bias] = bias_sq
     return out
 
 
