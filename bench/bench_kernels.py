@@ -25,6 +25,7 @@ import torch
 
 from gradnorm_engine.kernels import (batch_norm_grad_sqnorm, conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm,
                                     per_sample_sumsq)
+from gradnorm_engine.kernels.conv2d_weight_grad import _conv2d_weight_grad_sqnorm_triton
 from gradnorm_engine.models import cifar_resnet18
 from gradnorm_engine.norms.conv import conv_weight_sqnorm
 
@@ -125,6 +126,9 @@ def bench_conv(args, device, timer, dtype_name):
                       {"kernel": "conv2d_weight_grad_sqnorm", "dtype": dtype_name, "batch": args.batch,
                        "shape": geometry, "channels_last": args.channels_last})
         if device.type == "cuda":  # the alternatives a rule could use, and a training step's cost
+            if x.stride(1) != 1:  # the kernel on x as given, without the channels_last copy
+                row["triton_as_given_ms"] = timer(lambda: _conv2d_weight_grad_sqnorm_triton(
+                    x, gy, k, s, p, d, g, relayout=False))
             layer = torch.nn.Conv2d(C, O, k, s, p, d, g, bias=False).to(device, dtype)
             row["gram_ms"] = timer(lambda: conv_weight_sqnorm(layer, x, gy, form="gram"))
             row["batched_wgrad_ms"] = timer(lambda: torch.ops.aten.convolution_backward(
@@ -222,6 +226,9 @@ def print_table(rows):
         if "batched_wgrad_ms" in r:
             print(f"    {r['shape']}: Gram form {_fmt_ms(r['gram_ms'])} ms; the batch's summed weight "
                   f"gradient (cuDNN, a training step's share) {_fmt_ms(r['batched_wgrad_ms'])} ms")
+            if "triton_as_given_ms" in r:
+                print(f"    kernel on the NCHW input as given (no channels_last copy): "
+                      f"{_fmt_ms(r['triton_as_given_ms'])} ms")
         if "fraction_of_copy_bw" in r:
             print(f"    per_sample_sumsq: {r['triton_gbs']:.0f} GB/s read = {100 * r['fraction_of_copy_bw']:.0f}% "
                   f"of copy bandwidth {r['copy_gbs']:.0f} GB/s (torch reference {r['torch_gbs']:.0f} GB/s)")

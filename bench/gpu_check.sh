@@ -116,7 +116,9 @@ step() {  # step NAME LIMIT ARGS...: one bench invocation with its own time limi
   if [ "$limit" = 0 ]; then echo "== $name: skipped, the time budget is spent" | tee -a "$LOG"; save; return; fi
   echo "== $name (limit ${limit}s)" | tee -a "$LOG"
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$PY" -m gradnorm_engine.cli bench --device "$DEVICE" "$@" $EXTRA \
+  # From the staged folder: "python -m" puts the working directory first on sys.path, and this
+  # checkout's gradnorm_engine/ has no kernels/ inside.
+  timeout --kill-after=10 "$limit" env -C "$STAGE" "$PY" -m gradnorm_engine.cli bench --device "$DEVICE" "$@" $EXTRA \
     --json "$WORK/$name.json" --markdown "$WORK/$name.md" >>"$LOG" 2>&1
   local rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0))s" | tee -a "$LOG"
@@ -152,7 +154,7 @@ fi
 
 if [ "$PART" = all ] || [ "$PART" = suite ]; then
   # Engine backends other than the per-sample loop: the chunk sweep times those.
-  SWEEP=$("$PY" -c "from gradnorm_engine.backends import BACKENDS; print(','.join(b for b in BACKENDS if b != 'loop'))")
+  SWEEP=$(env -C "$STAGE" "$PY" -c "from gradnorm_engine.backends import BACKENDS; print(','.join(b for b in BACKENDS if b != 'loop'))")
   START=$SECONDS
   step resnet18-fp32 90 --model resnet18 --dtype fp32 $B256 $R18 --chunk-sizes $CHUNKS --chunk-backends "$SWEEP"
   step scaling 75 --no-methods --scaling $POOLS --scaling-model small_cnn --dtype fp32

@@ -197,9 +197,17 @@ def main(argv=None) -> int:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 run_hooks()
                 sync(device)
+            busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
             print()
-            print("torch.profiler, one hooks call, top kernels by CUDA time:")
+            print(f"torch.profiler, one hooks call: the GPU is busy {busy:.2f} ms of the "
+                  f"{rows['hooks (all rules, exact)']:.2f} ms a call takes; top kernels by CUDA time:")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+            # Where a call is CPU-bound (GPU busy well under the wall time): the host-side costs.
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                run_hooks()
+                sync(device)
+            print("torch.profiler, one hooks call, top operators by self CPU time:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
     if _dispatch._FAILED:
         print(f"KERNELS THAT FELL BACK TO THEIR TORCH REFERENCE: {_dispatch._FAILED}")
     return 0

@@ -128,9 +128,19 @@ def conv2d_weight_grad_sqnorm_reference(x: torch.Tensor, grad_out: torch.Tensor,
     return grad.pow(2).sum(dim=(1, 2)).reshape(B, groups).sum(dim=1)
 
 
-def _conv2d_weight_grad_sqnorm_triton(x, grad_out, kernel_size, stride, padding, dilation, groups):
+# The kernel gathers input patches fastest when channels are adjacent in memory (tap-major
+# order, one contiguous run of channels per tap): on an H200 the bf16 kernel took 0.094 ms on
+# channels_last input against 0.290 ms on NCHW (CIFAR ResNet-18 layer1 conv, batch 256), where
+# a channels_last copy of x costs ~0.03 ms. So NCHW input is copied to channels_last first.
+RELAYOUT_TO_CHANNELS_LAST = True
+
+
+def _conv2d_weight_grad_sqnorm_triton(x, grad_out, kernel_size, stride, padding, dilation, groups,
+                                      relayout: bool = RELAYOUT_TO_CHANNELS_LAST):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _geometry(x, grad_out, kernel_size, stride, padding,
                                                         dilation, groups)
+    if relayout and x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous(memory_format=torch.channels_last)
     B, C, H, W = x.shape
     O, Ho, Wo = grad_out.shape[1:]
     acc = accum_dtype(x, grad_out)

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from gradnorm_engine.kernels import conv2d_weight_grad_sqnorm, conv2d_weight_grad_sqnorm_reference
 from gradnorm_engine.kernels.compile_check import compile_in_subprocess
+from gradnorm_engine.kernels.conv2d_weight_grad import _conv2d_weight_grad_sqnorm_triton
 
 FP32_RTOL = 1e-4  # the issue's bound vs a float64 reference
 
@@ -43,14 +44,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])  # channel-major / tap-major tap order
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "nchw_as_given"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_autograd_and_reference(name, layout):
+    """Tap-major taps (channels_last, and NCHW after its copy) and channel-major taps (NCHW as
+    given) must agree."""
     B, C, H, W, O, k, s, p, d, g = CASES[name]
     x, gy, conv = _case(B, C, H, W, O, k, s, p, d, g)
     if layout == "channels_last":
         x, gy = x.to(memory_format=torch.channels_last), gy.to(memory_format=torch.channels_last)
-    out = conv2d_weight_grad_sqnorm(x, gy, k, s, p, d, g, impl="triton")
+    if layout == "nchw_as_given":
+        out = _conv2d_weight_grad_sqnorm_triton(x, gy, k, s, p, d, g, relayout=False)
+    else:
+        out = conv2d_weight_grad_sqnorm(x, gy, k, s, p, d, g, impl="triton")
     assert out.shape == (B,) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), _autograd_truth(x, gy, conv), rtol=FP32_RTOL, atol=0)
     ref = conv2d_weight_grad_sqnorm_reference(x, gy, k, s, p, d, g)
