@@ -29,7 +29,7 @@ from gradnorm_engine.backends.hooks import HooksBackend  # noqa: E402
 from gradnorm_engine.job import eval_mode, make_job  # noqa: E402
 from gradnorm_engine.kernels import _dispatch  # noqa: E402
 from gradnorm_engine.models import cifar_resnet18  # noqa: E402
-from gradnorm_engine.norms.forms import prefer_gram  # noqa: E402
+from gradnorm_engine.norms.conv import choose_conv_form  # noqa: E402
 
 
 class RuleClock:
@@ -82,7 +82,7 @@ def describe(layer, inputs, grad_outputs) -> str:
         positions = g.shape[2] * g.shape[3]
         k = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
         o = layer.out_channels // layer.groups
-        form = "gram" if prefer_gram(positions, o, k) else "materialise"
+        form = choose_conv_form(layer, inputs[0].shape, g.shape)
         return f"{kind} {layer.kernel_size[0]}x{layer.kernel_size[1]} s{layer.stride[0]} {form} (T={positions}, O={o}, K={k})"
     return kind
 

@@ -111,3 +111,20 @@ def test_compiles_for_hopper_without_a_gpu():
     result = compile_in_subprocess(["batch_norm_grad"], dtypes="fp32,bf16,fp64")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("ok") == 3, result.stdout
+
+
+def test_reference_centres_first_where_the_mean_dwarfs_the_spread():
+    """Inputs far from zero with a small spread (raw pixel values, say): sum g*x - mean * sum g
+    would cancel; the reference then centres first and stays exact in float32."""
+    bn = nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.fill_(200.0)
+        bn.running_var.fill_(0.01)
+    x = 200.0 + 0.1 * torch.randn(4, 3, 6, 6)
+    g = torch.randn(4, 3, 6, 6)
+    mean, inv_std = _stats(bn)
+    assert (mean.abs() * inv_std).max() > 1000
+    tw, tb = _autograd_truth(bn, x, g)
+    w, b = batch_norm_grad_sqnorm_reference(x, g, mean, inv_std)
+    torch.testing.assert_close(w.double(), tw, rtol=1e-4, atol=0)
+    torch.testing.assert_close(b.double(), tb, rtol=1e-5, atol=0)

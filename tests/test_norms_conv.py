@@ -7,8 +7,8 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
-from gradnorm_engine.norms.conv import (_paddings, conv_weight_sqnorm, materialise_per_sample,
-                                        materialise_with_kernels, unfold_patches)
+from gradnorm_engine.norms.conv import (_paddings, choose_conv_form, conv_weight_sqnorm, materialise_per_sample,
+                                        materialise_with_kernels, patch_gram_from_pixels, unfold_patches)
 from gradnorm_engine.testing import check_rule
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -69,6 +69,7 @@ def _weight_only_rule(path):
 
 PATHS = {
     "gram": lambda layer, x, g: conv_weight_sqnorm(layer, x, g, form="gram"),
+    "pixel_gram": lambda layer, x, g: conv_weight_sqnorm(layer, x, g, form="pixel_gram"),
     "materialise": lambda layer, x, g: conv_weight_sqnorm(layer, x, g, form="materialise"),
     "kernels": lambda layer, x, g: materialise_with_kernels(layer, x, g, _paddings(layer)),
     "per_sample": lambda layer, x, g: materialise_per_sample(layer, x, g, _paddings(layer)),
@@ -109,3 +110,24 @@ def test_cost_model_picks_gram_for_a_late_resnet_layer():
     expected = conv_weight_sqnorm(layer, x, g, form="materialise")
     torch.testing.assert_close(conv_weight_sqnorm(layer, x, g), expected)
     assert math.prod(g.shape[2:]) * (32 + 288) < 32 * 288
+
+
+@pytest.mark.parametrize("stride, dilation, groups", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 2, 3)])
+def test_patch_gram_from_pixels_equals_the_unfolded_gram(stride, dilation, groups):
+    x = torch.nn.functional.pad(torch.randn(2, 6, 7, 8, dtype=torch.float64), (1, 1, 2, 2))
+    a = unfold_patches(x, (3, 2), (stride, stride), (dilation, dilation), groups)          # (B*G, T, K)
+    out_shape = [(n - dilation * (k - 1) - 1) // stride + 1 for n, k in zip(x.shape[2:], (3, 2))]
+    got = patch_gram_from_pixels(x, (3, 2), (stride, stride), (dilation, dilation), groups, out_shape)
+    torch.testing.assert_close(got, torch.bmm(a, a.transpose(1, 2)))
+
+
+def test_cost_model_picks_each_form_where_it_is_cheapest():
+    """CIFAR ResNet-18 at batch 256: layer1 convs materialise, stride-1 convs from layer2 on use
+    the pixel Gram, a strided 3x3 conv with a large input materialises."""
+    conv = lambda c, o, s: nn.Conv2d(c, o, 3, stride=s, padding=1, bias=False)  # noqa: E731
+    assert choose_conv_form(conv(64, 64, 1), (256, 64, 32, 32), (256, 64, 32, 32)) == "materialise"
+    assert choose_conv_form(conv(128, 128, 1), (256, 128, 16, 16), (256, 128, 16, 16)) == "pixel_gram"
+    assert choose_conv_form(conv(512, 512, 1), (256, 512, 4, 4), (256, 512, 4, 4)) == "pixel_gram"
+    assert choose_conv_form(conv(64, 128, 2), (256, 64, 32, 32), (256, 128, 16, 16)) == "materialise"
+    strided_late = conv(128, 256, 2)   # T=64 outputs but 18x18 padded pixels: the unfolded Gram
+    assert choose_conv_form(strided_late, (256, 128, 16, 16), (256, 256, 8, 8)) == "gram"

@@ -5,8 +5,16 @@ With G groups, sample b's weight gradient for group j is G_bj = sum_t g_{t} a_t^
 over the T output positions, g_t in R^{O/G} is the output gradient there and a_t in
 R^{C/G * prod(kernel)} the input patch that produced it. Then
 
-    weight: sum_j ||G_bj||^2   (materialised or Gram form, whichever is cheaper)
+    weight: sum_j ||G_bj||^2   (the cheapest of three exact forms, below)
     bias:   ||sum_t g_t||^2    (over all O channels)
+
+The forms, with T output positions, K = C/G * prod(kernel), P padded input pixels:
+    materialise  G_bj itself, squared and summed                          cost ~ T * O/G * K
+    gram         sum_{t,t'} (a_t . a_t')(g_t . g_t') over unfolded patches  cost ~ T^2 (O/G + K)
+    pixel_gram   the same sum, with the patch Gram a_t . a_t' assembled from the Gram of input
+                 pixels: a_t . a_t' = sum_taps x[t + tap] . x[t' + tap], so one (P x P)
+                 product per sample replaces the (T x K) @ (K x T) one: for a stride-1 3x3
+                 conv about 9x fewer operations, and no unfolded copy  cost ~ T^2 (O/G + taps) + P^2 C/G
 
 Materialisation on CUDA calls the fused kernels: ``conv2d_weight_grad_sqnorm`` for 1-D and
 2-D convolutions (1-D as a 2-D conv of height 1, no unfolded copy), and
@@ -16,6 +24,7 @@ unfolded patches.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -23,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm
-from .forms import FORMS, gram_sqnorm, prefer_gram
+from .forms import FORMS, gram_sqnorm
 from .registry import accum_dtype, register_norm_rule, wants
 
 
@@ -39,27 +48,81 @@ def conv_norms(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, inputs: tuple, grad_out
     return out
 
 
+CONV_FORMS = (*FORMS, "pixel_gram")
+
+
+def conv_form_costs(layer: nn.Module, x_shape, g_shape) -> dict[str, int]:
+    """Operations per sample of each exact form (see the module docstring)."""
+    groups = layer.groups
+    cg, og = x_shape[1] // groups, g_shape[1] // groups
+    taps = math.prod(layer.kernel_size)
+    positions = math.prod(g_shape[2:])
+    pixels = math.prod(s + lo + hi for s, (lo, hi) in zip(x_shape[2:], _paddings(layer)))
+    return {"materialise": positions * og * cg * taps * groups,
+            "gram": positions ** 2 * (og + cg * taps) * groups,
+            "pixel_gram": (positions ** 2 * (og + taps) + pixels ** 2 * cg) * groups}
+
+
+def choose_conv_form(layer: nn.Module, x_shape, g_shape) -> str:
+    """The cheapest exact form for this layer and these shapes (ties: the listed order)."""
+    costs = conv_form_costs(layer, x_shape, g_shape)
+    return min(costs, key=costs.get)
+
+
 def conv_weight_sqnorm(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, form: str = "auto") -> torch.Tensor:
     """Per-sample squared norm of the weight gradient.  x [B, C, *S], g [B, O, *S'] -> [B]"""
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form not in CONV_FORMS:
+        raise ValueError(f"form must be one of {CONV_FORMS}, got {form!r}")
     kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
     groups = layer.groups
-    batch, channels = x.shape[:2]
+    batch = x.shape[0]
     out_channels = g.shape[1]
     positions = math.prod(g.shape[2:])
-    patch = channels // groups * math.prod(kernel)
     if form == "auto":
-        form = "gram" if prefer_gram(positions, out_channels // groups, patch) else "materialise"
+        form = choose_conv_form(layer, x.shape, g.shape)
 
     pads = _paddings(layer)
-    if form == "gram":
-        a = unfold_patches(_pad(x, pads, layer.padding_mode), kernel, stride, dilation, groups)  # (B*G, T, K)
+    if form in ("gram", "pixel_gram"):
+        xp = _pad(x, pads, layer.padding_mode)
         gg = g.reshape(batch * groups, out_channels // groups, positions).transpose(1, 2)      # (B*G, T, O/G)
-        return gram_sqnorm(a, gg).reshape(batch, groups).sum(dim=1)
+        if form == "gram":
+            a = unfold_patches(xp, kernel, stride, dilation, groups)                           # (B*G, T, K)
+            return gram_sqnorm(a, gg).reshape(batch, groups).sum(dim=1)
+        gram_a = patch_gram_from_pixels(xp, kernel, stride, dilation, groups, g.shape[2:])  # (B*G, T, T)
+        acc = accum_dtype(x, g)
+        gg = gg.to(acc)
+        gram_g = torch.bmm(gg, gg.transpose(1, 2))                                             # (B*G, T, T)
+        return (gram_a * gram_g).sum(dim=(1, 2)).reshape(batch, groups).sum(dim=1)
     if x.is_cuda:
         return materialise_with_kernels(layer, x, g, pads)
+    if math.prod(kernel) == 1:  # a 1x1 conv: the patches are a strided view, one bmm per chunk
+        a = unfold_patches(_pad(x, pads, layer.padding_mode), kernel, stride, dilation, groups)
+        gg = g.reshape(batch * groups, out_channels // groups, positions).transpose(1, 2)
+        return linear_weight_grad_sqnorm(a, gg).to(accum_dtype(x, g)).reshape(batch, groups).sum(dim=1)
     return materialise_per_sample(layer, x, g, pads)
+
+
+def patch_gram_from_pixels(xp: torch.Tensor, kernel, stride, dilation, groups: int, out_shape) -> torch.Tensor:
+    """Gram matrices of the conv's input patches, a_t . a_t', without unfolding.
+
+    xp: the padded input [B, C, *Sp]; out_shape: the output's spatial shape S'. With the
+    pixel Gram M[p, q] = sum_c xp[c, p] xp[c, q] (per sample and group), output position t
+    reads pixel stride*t + dilation*tap for each tap, so a_t . a_t' = sum_tap M[stride*t +
+    dilation*tap, stride*t' + dilation*tap]: one strided block of M per tap.  -> [B*G, T, T]
+    """
+    batch, channels = xp.shape[:2]
+    acc = accum_dtype(xp)
+    pixels = xp.reshape(batch * groups, channels // groups, -1).to(acc)    # (B*G, C/G, P)
+    gram = torch.bmm(pixels.transpose(1, 2), pixels)                        # (B*G, P, P)
+    gram = gram.view(batch * groups, *xp.shape[2:], *xp.shape[2:])
+    out = None
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        rows = tuple(slice(d * i, d * i + s * (n - 1) + 1, s)
+                     for i, d, s, n in zip(tap, dilation, stride, out_shape))
+        block = gram[(slice(None), *rows, *rows)]                           # (B*G, *S', *S')
+        out = block.clone() if out is None else out.add_(block)
+    positions = math.prod(out_shape)
+    return out.reshape(batch * groups, positions, positions)
 
 
 def materialise_with_kernels(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, pads) -> torch.Tensor:
