@@ -82,7 +82,7 @@ def describe(layer, inputs, grad_outputs) -> str:
         positions = g.shape[2] * g.shape[3]
         k = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
         o = layer.out_channels // layer.groups
-        form = choose_conv_form(layer, inputs[0].shape, g.shape)
+        form = choose_conv_form(layer, inputs[0].shape, g.shape, g.device.type)
         return f"{kind} {layer.kernel_size[0]}x{layer.kernel_size[1]} s{layer.stride[0]} {form} (T={positions}, O={o}, K={k})"
     return kind
 

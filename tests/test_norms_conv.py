@@ -131,3 +131,6 @@ def test_cost_model_picks_each_form_where_it_is_cheapest():
     assert choose_conv_form(conv(64, 128, 2), (256, 64, 32, 32), (256, 128, 16, 16)) == "materialise"
     strided_late = conv(128, 256, 2)   # T=64 outputs but 18x18 padded pixels: the unfolded Gram
     assert choose_conv_form(strided_late, (256, 128, 16, 16), (256, 256, 8, 8)) == "gram"
+    # On CPU oneDNN's per-sample backward is worth half its count: layer2 materialises there.
+    assert choose_conv_form(conv(128, 128, 1), (32, 128, 16, 16), (32, 128, 16, 16), "cpu") == "materialise"
+    assert choose_conv_form(conv(256, 256, 1), (32, 256, 8, 8), (32, 256, 8, 8), "cpu") == "pixel_gram"

@@ -385,11 +385,12 @@ def _measure_only(job):
     frozen parameters build no graph, and a measured parameter with requires_grad=False is
     still measured, as in the vmap backend."""
     measured = {id(p) for _, p in job.params}
-    flags = [(p, p.requires_grad) for p in job.model.parameters()]
+    # Only the parameters whose flag must change (usually none: every parameter measured).
+    changed = [p for p in job.model.parameters() if p.requires_grad != (id(p) in measured)]
     try:
-        for p, _ in flags:
-            p.requires_grad_(id(p) in measured)
+        for p in changed:
+            p.requires_grad_(not p.requires_grad)
         yield
     finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+        for p in changed:
+            p.requires_grad_(not p.requires_grad)
