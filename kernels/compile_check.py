@@ -67,14 +67,15 @@ def _jobs(dtype: str):
            {"a": f"*{ptr}", "g": f"*{ptr}", "partials": f"*{acc}",
             **ints("T", "D", "P", "sab", "sat", "sad", "sgb", "sgt", "sgp", "n_tiles_d", "n_tiles")},
            {"DOT": tl_in, "ACC": tl_acc, "PRECISION": precision, "BP": 64, "BD": 64, "BT": 32})
-    for (k, s, p), tap_major in itertools.product(((3, 1, 1), (1, 2, 0)), (False, True)):
-        # the 3x3 convs and the strided 1x1 shortcuts, NCHW and channels_last
+    for (k, s, p), (tap_major, one_tap) in itertools.product(((3, 1, 1), (1, 2, 0)),
+                                                              ((False, False), (True, False), (True, True))):
+        # the 3x3 convs and the strided 1x1 shortcuts; NCHW, channels_last, one tap per tile
         yield ("conv2d_weight_grad", conv._conv2d_weight_grad_sqnorm_kernel,
                {"x": f"*{ptr}", "go": f"*{ptr}", "partials": f"*{acc}",
                 **ints("H", "W", "Wo", "L", "Cg", "Og", "K", "n_tiles_o", "n_tiles_k", "n_tiles",
                        "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh", "sgw")},
                {"KH": k, "KW": k, "SH": s, "SW": s, "PH": p, "PW": p, "DH": 1, "DW": 1,
-                "DOT": tl_in, "ACC": tl_acc, "PRECISION": precision, "TAP_MAJOR": tap_major,
+                "DOT": tl_in, "ACC": tl_acc, "PRECISION": precision, "TAP_MAJOR": tap_major, "ONE_TAP": one_tap,
                 "BO": 64, "BK": 64, "BL": 64})
 
 

@@ -38,7 +38,7 @@ if TRITON_AVAILABLE:
             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
             PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
             DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, TAP_MAJOR: tl.constexpr,
-            BO: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr):
+            ONE_TAP: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr):
         """partials[b, tile] = sum_{o in tile_o, k in tile_k} (sum_l go[b,o,l] * patch[b,l,k])^2.
 
         Grid (G * n_tiles_o * n_tiles_k, B); l = y*W' + z runs over the L = H'*W' output
@@ -46,6 +46,9 @@ if TRITON_AVAILABLE:
         (o, k) does not depend on how taps are numbered, so k runs channel-major
         (k = c*KH*KW + tap: neighbouring taps are neighbouring pixels, for NCHW) or tap-major
         (k = tap*Cg + c: neighbouring channels are neighbouring addresses, for channels_last).
+        ONE_TAP (tap-major with BK dividing Cg): every k of the tile has the same tap, so the
+        patch tile's address is a row offset (per position) plus a column offset (per channel)
+        and only rows need masking.
         """
         tile = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -53,32 +56,53 @@ if TRITON_AVAILABLE:
         rest = tile % (n_tiles_o * n_tiles_k)
         offs_o = (rest // n_tiles_k) * BO + tl.arange(0, BO)     # output channel within group
         offs_k = (rest % n_tiles_k) * BK + tl.arange(0, BK)      # tap (c, i, j) within group
-        if TAP_MAJOR:
-            tap = offs_k // Cg
-            c = offs_k % Cg
-        else:
-            c = offs_k // (KH * KW)
-            tap = offs_k % (KH * KW)
-        di = (tap // KW) * DH - PH                               # row offset of the tap
-        dj = (tap % KW) * DW - PW                                # column offset of the tap
         o_ok = offs_o < Og
         k_ok = offs_k < K
         go_rows = go + b * sgb + (gi * Og + offs_o).to(tl.int64) * sgc       # (BO,)
-        x_cols = x + b * sxb + (gi * Cg + c).to(tl.int64) * sxc              # (BK,)
         acc = tl.zeros([BO, BK], dtype=ACC)
-        for l0 in range(0, L, BL):
-            pos = l0 + tl.arange(0, BL)
-            y = pos // Wo
-            z = pos % Wo
-            l_ok = pos < L
-            g_tile = tl.load(go_rows[:, None] + y[None, :] * sgh + z[None, :] * sgw,
-                             mask=o_ok[:, None] & l_ok[None, :], other=0.0)              # (BO, BL)
-            ih = y[:, None] * SH + di[None, :]                                            # (BL, BK)
-            iw = z[:, None] * SW + dj[None, :]
-            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_tile = tl.load(x_cols[None, :] + ih * sxh + iw * sxw,
-                             mask=inside & l_ok[:, None] & k_ok[None, :], other=0.0)      # (BL, BK)
-            acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+        if ONE_TAP:
+            k0 = (rest % n_tiles_k) * BK
+            tap0 = k0 // Cg
+            di0 = (tap0 // KW) * DH - PH                          # the tile's one tap offset
+            dj0 = (tap0 % KW) * DW - PW
+            c = (k0 % Cg) + tl.arange(0, BK)
+            x_cols = x + b * sxb + (gi * Cg + c).to(tl.int64) * sxc          # (BK,)
+            for l0 in range(0, L, BL):
+                pos = l0 + tl.arange(0, BL)
+                y = pos // Wo
+                z = pos % Wo
+                l_ok = pos < L
+                g_tile = tl.load(go_rows[:, None] + y[None, :] * sgh + z[None, :] * sgw,
+                                 mask=o_ok[:, None] & l_ok[None, :], other=0.0)          # (BO, BL)
+                ih = y * SH + di0                                                         # (BL,)
+                iw = z * SW + dj0
+                row_ok = l_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_tile = tl.load(x_cols[None, :] + (ih * sxh + iw * sxw)[:, None],
+                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)         # (BL, BK)
+                acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+        else:
+            if TAP_MAJOR:
+                tap = offs_k // Cg
+                c = offs_k % Cg
+            else:
+                c = offs_k // (KH * KW)
+                tap = offs_k % (KH * KW)
+            di = (tap // KW) * DH - PH                               # row offset of the tap
+            dj = (tap % KW) * DW - PW                                # column offset of the tap
+            x_cols = x + b * sxb + (gi * Cg + c).to(tl.int64) * sxc              # (BK,)
+            for l0 in range(0, L, BL):
+                pos = l0 + tl.arange(0, BL)
+                y = pos // Wo
+                z = pos % Wo
+                l_ok = pos < L
+                g_tile = tl.load(go_rows[:, None] + y[None, :] * sgh + z[None, :] * sgw,
+                                 mask=o_ok[:, None] & l_ok[None, :], other=0.0)          # (BO, BL)
+                ih = y[:, None] * SH + di[None, :]                                        # (BL, BK)
+                iw = z[:, None] * SW + dj[None, :]
+                inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_tile = tl.load(x_cols[None, :] + ih * sxh + iw * sxw,
+                                 mask=inside & l_ok[:, None] & k_ok[None, :], other=0.0)  # (BL, BK)
+                acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
         tl.store(partials + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 else:  # pragma: no cover
     _conv2d_weight_grad_sqnorm_kernel = None
@@ -152,6 +176,9 @@ def _conv2d_weight_grad_sqnorm_triton(x, grad_out, kernel_size, stride, padding,
     Cg, Og = C // groups, O // groups
     K, L = Cg * kh * kw, Ho * Wo
     BO, BK, BL = pow2_block(Og), pow2_block(K), pow2_block(L, hi=64)
+    tap_major = x.stride(1) < x.stride(3)
+    if tap_major and Cg >= 16 and Cg & (Cg - 1) == 0:
+        BK = min(BK, Cg)            # one tap per K tile (ONE_TAP): a power-of-two Cg >= 16
     n_tiles_o, n_tiles_k = triton.cdiv(Og, BO), triton.cdiv(K, BK)
     n_tiles = groups * n_tiles_o * n_tiles_k
     partials = torch.empty(B, n_tiles, dtype=acc, device=x.device)
@@ -160,8 +187,8 @@ def _conv2d_weight_grad_sqnorm_triton(x, grad_out, kernel_size, stride, padding,
             x, grad_out, partials, H, W, Wo, L, Cg, Og, K, n_tiles_o, n_tiles_k, n_tiles,
             *x.stride(), *grad_out.stride(),
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
-            DOT=_TL[dot], ACC=_TL[acc], PRECISION=dot_precision(dot),
-            TAP_MAJOR=x.stride(1) < x.stride(3), BO=BO, BK=BK, BL=BL)
+            DOT=_TL[dot], ACC=_TL[acc], PRECISION=dot_precision(dot), TAP_MAJOR=tap_major,
+            ONE_TAP=tap_major and Cg % BK == 0, BO=BO, BK=BK, BL=BL)
     else:
         partials.zero_()
     return partials.sum(dim=1)  # fixed-order reduction over tiles

@@ -41,6 +41,8 @@ CASES = {
     "pointwise_strided": (2, 7, 9, 9, 11, 1, 2, 0, 1, 1),
     "many_tiles": (2, 9, 9, 11, 70, 3, 1, 1, 1, 1),  # K=81 and O=70: several tiles each way
     "no_padding_large_stride": (1, 2, 10, 11, 3, (2, 3), 3, 0, 1, 1),
+    "one_tap_tiles": (2, 32, 6, 5, 20, 3, 1, 1, 1, 1),            # Cg=32: one tap per K tile
+    "one_tap_tiles_groups_stride": (2, 64, 5, 7, 8, (3, 2), 2, 1, (1, 2), 2),
 }
 
 
