@@ -33,14 +33,14 @@ def dot_dtype(*tensors: torch.Tensor, interpreted: bool = False) -> torch.dtype:
     return torch.float32
 
 
-# How tl.dot multiplies float32 operands. "tf32x3" splits each operand into a TF32 head and a
-# TF32 tail and adds three tensor-core products (head*head + head*tail + tail*head): products
-# keep ~2^-22 relative accuracy, as float32 FMA does, at tensor-core speed. (Plain "tf32" would
-# keep only ~2^-11.) The kernels' tests hold every float32 result to 1e-5 of float64.
-FP32_DOT_PRECISION = "tf32x3"
+# How tl.dot multiplies float32 operands: "ieee" (exact float32 products, FMA units). "tf32x3"
+# (three TF32 tensor-core products, ~2^-22 relative accuracy) was no faster on an H200 for the
+# conv kernel, whose time went to gathering patches (CIFAR ResNet-18 layer1 conv, batch 256:
+# 1.77 ms vs 1.66 ms, bench/results/h200-hooks.md); worth timing again once the gather is faster.
+FP32_DOT_PRECISION = "ieee"
 
 
 def dot_precision(dot: torch.dtype) -> str:
     """input_precision for tl.dot on operands of dtype ``dot``: FP32_DOT_PRECISION for float32,
-    "ieee" (exact products) for everything else."""
+    "ieee" for everything else (bf16/fp16 products are exact in float32)."""
     return FP32_DOT_PRECISION if dot == torch.float32 else "ieee"
