@@ -60,27 +60,12 @@ if TRITON_AVAILABLE:
         k_ok = offs_k < K
         go_rows = go + b * sgb + (gi * Og + offs_o).to(tl.int64) * sgc       # (BO,)
         acc = tl.zeros([BO, BK], dtype=ACC)
-        if ONE_TAP:
+        if ONE_TAP:   # the tile's one tap: scalar offsets
             k0 = (rest % n_tiles_k) * BK
-            tap0 = k0 // Cg
-            di0 = (tap0 // KW) * DH - PH                          # the tile's one tap offset
-            dj0 = (tap0 % KW) * DW - PW
+            di = ((k0 // Cg) // KW) * DH - PH
+            dj = ((k0 // Cg) % KW) * DW - PW
             c = (k0 % Cg) + tl.arange(0, BK)
-            x_cols = x + b * sxb + (gi * Cg + c).to(tl.int64) * sxc          # (BK,)
-            for l0 in range(0, L, BL):
-                pos = l0 + tl.arange(0, BL)
-                y = pos // Wo
-                z = pos % Wo
-                l_ok = pos < L
-                g_tile = tl.load(go_rows[:, None] + y[None, :] * sgh + z[None, :] * sgw,
-                                 mask=o_ok[:, None] & l_ok[None, :], other=0.0)          # (BO, BL)
-                ih = y * SH + di0                                                         # (BL,)
-                iw = z * SW + dj0
-                row_ok = l_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                x_tile = tl.load(x_cols[None, :] + (ih * sxh + iw * sxw)[:, None],
-                                 mask=row_ok[:, None] & k_ok[None, :], other=0.0)         # (BL, BK)
-                acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-        else:
+        else:         # a tap per k: vector offsets
             if TAP_MAJOR:
                 tap = offs_k // Cg
                 c = offs_k % Cg
@@ -89,20 +74,27 @@ if TRITON_AVAILABLE:
                 tap = offs_k % (KH * KW)
             di = (tap // KW) * DH - PH                               # row offset of the tap
             dj = (tap % KW) * DW - PW                                # column offset of the tap
-            x_cols = x + b * sxb + (gi * Cg + c).to(tl.int64) * sxc              # (BK,)
-            for l0 in range(0, L, BL):
-                pos = l0 + tl.arange(0, BL)
-                y = pos // Wo
-                z = pos % Wo
-                l_ok = pos < L
-                g_tile = tl.load(go_rows[:, None] + y[None, :] * sgh + z[None, :] * sgw,
-                                 mask=o_ok[:, None] & l_ok[None, :], other=0.0)          # (BO, BL)
+        x_cols = x + b * sxb + (gi * Cg + c).to(tl.int64) * sxc          # (BK,)
+        for l0 in range(0, L, BL):
+            pos = l0 + tl.arange(0, BL)
+            y = pos // Wo
+            z = pos % Wo
+            l_ok = pos < L
+            g_tile = tl.load(go_rows[:, None] + y[None, :] * sgh + z[None, :] * sgw,
+                             mask=o_ok[:, None] & l_ok[None, :], other=0.0)              # (BO, BL)
+            if ONE_TAP:   # address = row offset (BL,) + channel offset (BK,); rows masked
+                ih = y * SH + di
+                iw = z * SW + dj
+                rows_ok = l_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                x_tile = tl.load(x_cols[None, :] + (ih * sxh + iw * sxw)[:, None],
+                                 mask=rows_ok[:, None] & k_ok[None, :], other=0.0)        # (BL, BK)
+            else:
                 ih = y[:, None] * SH + di[None, :]                                        # (BL, BK)
                 iw = z[:, None] * SW + dj[None, :]
                 inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 x_tile = tl.load(x_cols[None, :] + ih * sxh + iw * sxw,
                                  mask=inside & l_ok[:, None] & k_ok[None, :], other=0.0)  # (BL, BK)
-                acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
         tl.store(partials + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 else:  # pragma: no cover
     _conv2d_weight_grad_sqnorm_kernel = None
