@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm
-from .forms import FORMS, gram_sqnorm
+from .forms import FORMS, gram_sqnorm, sqnorm_from_input_gram
 from .registry import accum_dtype, register_norm_rule, wants
 
 
@@ -91,36 +91,33 @@ def conv_weight_sqnorm(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, form:
         form = choose_conv_form(layer, x.shape, g.shape, x.device.type)
 
     pads = _paddings(layer)
-    if form in ("gram", "pixel_gram"):
-        xp = _pad(x, pads, layer.padding_mode)
-        gg = g.reshape(batch * groups, out_channels // groups, positions).transpose(1, 2)      # (B*G, T, O/G)
-        if form == "gram":
-            a = unfold_patches(xp, kernel, stride, dilation, groups)                           # (B*G, T, K)
-            return gram_sqnorm(a, gg).reshape(batch, groups).sum(dim=1)
-        gram_a = patch_gram_from_pixels(xp, kernel, stride, dilation, groups, g.shape[2:])  # (B*G, T, T)
-        acc = accum_dtype(x, g)
-        gg = gg.to(acc)
-        gram_g = torch.bmm(gg, gg.transpose(1, 2))                                             # (B*G, T, T)
-        return (gram_a * gram_g).sum(dim=(1, 2)).reshape(batch, groups).sum(dim=1)
-    if x.is_cuda:
+    gg = g.reshape(batch * groups, out_channels // groups, positions).transpose(1, 2)          # (B*G, T, O/G)
+    if form == "pixel_gram":
+        gram_a = patch_gram_from_pixels(_pad(x, pads, layer.padding_mode), kernel, stride, dilation, groups,
+                                        g.shape[2:], accum_dtype(x, g))                       # (B*G, T, T)
+        return sqnorm_from_input_gram(gram_a, gg).reshape(batch, groups).sum(dim=1)
+    if x.is_cuda and form == "materialise":
         return materialise_with_kernels(layer, x, g, pads)
-    if math.prod(kernel) == 1:  # a 1x1 conv: the patches are a strided view, one bmm per chunk
-        a = unfold_patches(_pad(x, pads, layer.padding_mode), kernel, stride, dilation, groups)
-        gg = g.reshape(batch * groups, out_channels // groups, positions).transpose(1, 2)
-        return linear_weight_grad_sqnorm(a, gg).to(accum_dtype(x, g)).reshape(batch, groups).sum(dim=1)
-    return materialise_per_sample(layer, x, g, pads)
+    if form == "materialise" and math.prod(kernel) > 1:
+        return materialise_per_sample(layer, x, g, pads)
+    # The unfolded Gram, or (on CPU) a 1x1 conv materialised by one bmm on its strided patches.
+    a = unfold_patches(_pad(x, pads, layer.padding_mode), kernel, stride, dilation, groups)    # (B*G, T, K)
+    per_group = gram_sqnorm(a, gg) if form == "gram" else linear_weight_grad_sqnorm(a, gg).to(accum_dtype(x, g))
+    return per_group.reshape(batch, groups).sum(dim=1)
 
 
-def patch_gram_from_pixels(xp: torch.Tensor, kernel, stride, dilation, groups: int, out_shape) -> torch.Tensor:
+def patch_gram_from_pixels(xp: torch.Tensor, kernel, stride, dilation, groups: int, out_shape,
+                           acc: torch.dtype | None = None) -> torch.Tensor:
     """Gram matrices of the conv's input patches, a_t . a_t', without unfolding.
 
     xp: the padded input [B, C, *Sp]; out_shape: the output's spatial shape S'. With the
     pixel Gram M[p, q] = sum_c xp[c, p] xp[c, q] (per sample and group), output position t
     reads pixel stride*t + dilation*tap for each tap, so a_t . a_t' = sum_tap M[stride*t +
     dilation*tap, stride*t' + dilation*tap]: one strided block of M per tap.  -> [B*G, T, T]
+    in ``acc`` (default: float32, float64 for float64 input).
     """
     batch, channels = xp.shape[:2]
-    acc = accum_dtype(xp)
+    acc = acc or accum_dtype(xp)
     pixels = xp.reshape(batch * groups, channels // groups, -1).to(acc)    # (B*G, C/G, P)
     gram = torch.bmm(pixels.transpose(1, 2), pixels)                        # (B*G, P, P)
     gram = gram.view(batch * groups, *xp.shape[2:], *xp.shape[2:])

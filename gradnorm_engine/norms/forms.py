@@ -30,9 +30,14 @@ def gram_sqnorm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
     Computed in float32 (float64 for float64 input) from the two T x T Gram matrices.
     """
-    acc = accum_dtype(a, g)
-    a, g = a.to(acc), g.to(acc)
-    gram_a = torch.bmm(a, a.transpose(1, 2))    # (N, T, T)
+    a = a.to(accum_dtype(a, g))
+    return sqnorm_from_input_gram(torch.bmm(a, a.transpose(1, 2)), g)
+
+
+def sqnorm_from_input_gram(gram_a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum_{t,t'} gram_a[t, t'] (g_t . g_t') per row, given the inputs' Gram matrices (however
+    they were formed).  gram_a [N, T, T], g [N, T, p] -> [N], in gram_a's dtype."""
+    g = g.to(gram_a.dtype)
     gram_g = torch.bmm(g, g.transpose(1, 2))    # (N, T, T)
     return (gram_a * gram_g).sum(dim=(1, 2))
 
