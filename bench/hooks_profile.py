@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import statistics
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import torch  # noqa: E402
-
-from gradnorm_engine.backends.hooks import HooksBackend  # noqa: E402
-from gradnorm_engine.job import eval_mode, make_job  # noqa: E402
-from gradnorm_engine.kernels import _dispatch  # noqa: E402
-from gradnorm_engine.models import cifar_resnet18  # noqa: E402
-from gradnorm_engine.norms.conv import choose_conv_form  # noqa: E402
+from gradnorm_engine.backends.hooks import HooksBackend
+from gradnorm_engine.job import eval_mode, make_job
+from gradnorm_engine.kernels import _dispatch
+from gradnorm_engine.models import cifar_resnet18
+from gradnorm_engine.norms.conv import choose_conv_form
 
 
 class RuleClock:

@@ -13,8 +13,11 @@ Prints samples/s (median and best round) and the ratios the targets refer to.
 
 On a machine shared with other jobs, wall time swings from round to round; the best round
 approximates an idle machine, and CPU time (process_time, all threads) counts the work done
-whatever the load, so both are reported. OMP_WAIT_POLICY=PASSIVE keeps idle OpenMP threads from
-spinning, which would bill waiting as CPU time.
+whatever the load, so both are reported. OpenMP's wait policy is left as the environment sets it
+(the library default: idle threads spin a while before sleeping). On a machine shared with other
+jobs, OMP_WAIT_POLICY=PASSIVE keeps waiting threads from stealing cores, at a price on an idle
+one: every small operation then pays a thread wake-up, which costs the hooks backend's per-sample
+loops far more than a training step's few large operations (bench/results/hooks-cpu.md, run 5).
 """
 from __future__ import annotations
 
@@ -25,15 +28,13 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP threads
+import torch
 
-import torch  # noqa: E402
-
-from gradnorm_engine.backends.hooks import HooksBackend  # noqa: E402
-from gradnorm_engine.backends.loop import LoopBackend  # noqa: E402
-from gradnorm_engine.job import eval_mode, make_job  # noqa: E402
-from gradnorm_engine.kernels import _dispatch  # noqa: E402
-from gradnorm_engine.models import cifar_resnet18  # noqa: E402
+from gradnorm_engine.backends.hooks import HooksBackend
+from gradnorm_engine.backends.loop import LoopBackend
+from gradnorm_engine.job import eval_mode, make_job
+from gradnorm_engine.kernels import _dispatch
+from gradnorm_engine.models import cifar_resnet18
 
 
 def timed(fn, device: torch.device) -> tuple[float, float, int]:
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
           f"{', channels_last' if args.channels_last else ''}, batch {args.batch}")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
-          f"os.cpu_count()={os.cpu_count()}, load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f}")
+          f"os.cpu_count()={os.cpu_count()}, load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print()
     print("| method | samples/s wall (median) | samples/s wall (best round) | samples per CPU-second (median) "
           "| peak CUDA GiB | rounds |")
