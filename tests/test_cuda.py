@@ -17,7 +17,7 @@ from gradnorm_engine.kernels import (batch_norm_grad_sqnorm, conv2d_weight_grad_
 from gradnorm_engine.kernels._dispatch import is_interpreted
 from gradnorm_engine.kernels.conv2d_weight_grad import _conv2d_weight_grad_sqnorm_kernel
 from gradnorm_engine.models import cifar_resnet18
-from gradnorm_engine.norms.conv import _paddings, materialise_with_kernels
+from gradnorm_engine.norms.conv import _paddings, conv_weight_sqnorm, materialise_with_kernels
 from gradnorm_engine.testing import check_rule
 from tests.architectures import ARCHITECTURES
 from tests.reference import max_rel_err, reference_scores
@@ -59,6 +59,17 @@ def test_compiled_conv_kernel_path_matches_the_loop_in_float64(case):
 def test_conv_rule_on_cuda_matches_the_loop_in_float32(case):
     layer, x = case
     check_rule(layer.to(CUDA), x.to(CUDA), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("form", ["materialise", "gram", "pixel_gram"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_every_conv_form_on_cuda_matches_the_loop_in_float32(form, layout):
+    for c, o, size, stride, groups in ((16, 32, 12, 1, 1), (32, 32, 9, 2, 2), (64, 64, 6, 1, 64)):
+        layer = nn.Conv2d(c, o, 3, stride=stride, padding=1, groups=groups).to(CUDA).to(memory_format=layout)
+        x = torch.randn(5, c, size, size, device=CUDA).to(memory_format=layout)
+        rule = _weight_only_rule(lambda lay, xx, g: conv_weight_sqnorm(lay, xx, g, form=form))
+        layer.bias.requires_grad_(False)
+        check_rule(layer, x, rule=rule, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
