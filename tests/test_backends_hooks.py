@@ -360,3 +360,48 @@ def test_fallback_turns_to_the_loop_when_vmap_cannot_run_the_model():
         engine.sqnorms(torch.randn(3, 6, dtype=torch.float64))
     assert engine.last_fallback == ("scale",)
     assert [type(f.engine).__name__ for f in engine._fallbacks.values()] == ["LoopBackend"]
+
+
+def test_self_check_of_a_float32_model_runs_the_loop_in_float64(monkeypatch):
+    """The float32 per-sample loop can be the least exact side (batch-1 convolutions choose other
+    algorithms), so the first-chunk check holds the rules to a float64 copy's loop."""
+    from gradnorm_engine.backends import hooks as hooks_module
+    seen = []
+    real = hooks_module.LoopBackend.sqnorms
+
+    def spy(self, x):
+        seen.append(next(self.job.model.parameters()).dtype)
+        return real(self, x)
+    monkeypatch.setattr(hooks_module.LoopBackend, "sqnorms", spy)
+    model, x = _pool("tiny_resnet18", n=4, dtype=torch.float32)
+    scores = _scores(model, x, "hooks")
+    assert seen and set(seen) == {torch.float64}
+    assert next(model.parameters()).dtype == torch.float32           # the user's model untouched
+    torch.testing.assert_close(scores, _scores(model, x, "loop"), rtol=1e-4, atol=1e-7)
+
+
+def test_self_check_falls_back_to_float32_when_the_copy_cannot_run(monkeypatch):
+    class Float32Only(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 4)
+
+        def forward(self, x):
+            if self.lin.weight.dtype != torch.float32:
+                raise TypeError("this model runs in float32 only")
+            return self.lin(x)
+
+    from gradnorm_engine.backends import hooks as hooks_module
+    seen = []
+    real = hooks_module.LoopBackend.sqnorms
+
+    def spy(self, x):
+        seen.append(next(self.job.model.parameters()).dtype)
+        return real(self, x)
+    monkeypatch.setattr(hooks_module.LoopBackend, "sqnorms", spy)
+    torch.manual_seed(0)
+    model, x = Float32Only(), torch.randn(5, 6)
+    scores = _scores(model, x, "hooks")
+    assert seen == [torch.float64, torch.float32]   # the copy failed, the check ran in float32
+    monkeypatch.setattr(hooks_module.LoopBackend, "sqnorms", real)
+    torch.testing.assert_close(scores, _scores(model, x, "loop"), rtol=1e-5, atol=1e-8)
