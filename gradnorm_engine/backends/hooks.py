@@ -26,7 +26,6 @@ whole job to the exact fallback with a ``HooksFallbackWarning``.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import warnings
 
@@ -51,10 +50,6 @@ MAX_CHUNK = 512
 CHECK_SAMPLES = 2
 CHECK_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
 CHECK_RTOL_AUTOCAST = 0.25
-# The loop of a float32 model runs on a float64 copy when the copy takes at most this much: a
-# float32 per-sample loop is itself the least exact side (batch-1 convolutions pick other
-# algorithms; seen 3e-3 off on single entries of CIFAR ResNet-18, where the rules were within 2e-6).
-CHECK_FLOAT64_MAX_BYTES = 2**30
 
 
 class HooksFallbackWarning(UserWarning):
@@ -154,7 +149,7 @@ class HooksBackend(Backend):
         job = self.job
         n = min(CHECK_SAMPLES, x.shape[0])
         try:
-            expected = _loop_reference(job, x[:n]).to(out.dtype)              # (n, P)
+            expected = LoopBackend(job).sqnorms(x[:n]).to(out.dtype)         # (n, P)
         except Exception as err:  # noqa: BLE001 - a model that cannot run one sample alone
             if is_out_of_memory(err):
                 raise
@@ -266,24 +261,6 @@ class HooksBackend(Backend):
         for engine in self._fallbacks.values():
             engine.close()
         self._fallbacks.clear()
-
-
-def _loop_reference(job: ScoringJob, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample squared norms from the loop: on a float64 copy of a float32 model without
-    autocast (when small enough, see CHECK_FLOAT64_MAX_BYTES, and when the copy runs), else on
-    the model itself."""
-    if job.autocast is None and job.accum_dtype == torch.float32:
-        size = sum(t.numel() for t in job.model.parameters()) + sum(t.numel() for t in job.model.buffers())
-        if 8 * size <= CHECK_FLOAT64_MAX_BYTES:
-            try:
-                model64 = copy.deepcopy(job.model).double()
-                named = dict(model64.named_parameters())
-                job64 = dataclasses.replace(job, model=model64, params=[(n, named[n]) for n, _ in job.params])
-                return LoopBackend(job64).sqnorms(x.double() if x.is_floating_point() else x)
-            except Exception as err:  # noqa: BLE001 - not copyable, or float32-only code: check in float32
-                if is_out_of_memory(err):
-                    raise
-    return LoopBackend(job).sqnorms(x)
 
 
 def _trusted_rule(module: nn.Module):
