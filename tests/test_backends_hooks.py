@@ -352,6 +352,18 @@ def test_sequence_first_layers_are_caught_and_scored_exactly():
     torch.testing.assert_close(hooks, score_pool(model, [x], backend="loop", progress=False), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_sequence_first_is_caught_in_float32_too(seed):
+    """float32's looser check (batched and single-sample forwards may differ by ~1e-3 on an
+    ill-conditioned sample) still catches rules that read the wrong dim as the sample."""
+    torch.manual_seed(seed)
+    model = SequenceFirst()
+    x = torch.randint(0, 11, (3, 3))
+    with pytest.warns(HooksFallbackWarning, match="sequence-first"):
+        hooks = score_pool(model, [x], backend="hooks", progress=False)
+    torch.testing.assert_close(hooks, score_pool(model, [x], backend="loop", progress=False), rtol=1e-5, atol=1e-8)
+
+
 def test_fallback_turns_to_the_loop_when_vmap_cannot_run_the_model():
     torch.manual_seed(0)
     model = VmapCannotRun().double()

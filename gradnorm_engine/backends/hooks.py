@@ -48,7 +48,12 @@ MAX_CHUNK = 512
 # The self-check against the per-sample loop: samples compared, and the relative tolerance per
 # squared norm (low-precision autocast forwards differ between a batch and a single sample).
 CHECK_SAMPLES = 2
-CHECK_RTOL = {torch.float64: 1e-6, torch.float32: 1e-3}
+# float32: a batched forward may use other convolution algorithms than a single sample's (oneDNN
+# on CPU), and an ill-conditioned sample's gradient magnifies the difference: on CIFAR ResNet-18
+# one sample's layer1.0.conv2 entry came out 1.2e-3 from float64 in both batched engines (hooks
+# and vmap agreed to 7 digits) while the batch-1 loop was within 1e-6. A layer that reads the
+# wrong dim as the sample is off by far more than this tolerance.
+CHECK_RTOL = {torch.float64: 1e-6, torch.float32: 2e-2}
 CHECK_RTOL_AUTOCAST = 0.25
 
 
