@@ -23,10 +23,10 @@ import time
 import torch
 
 from gradnorm_engine.backends.hooks import HooksBackend
-from gradnorm_engine.job import eval_mode, make_job
+from gradnorm_engine.job import eval_mode
 from gradnorm_engine.kernels import _dispatch
-from gradnorm_engine.models import cifar_resnet18
 from gradnorm_engine.norms.conv import choose_conv_form
+from resnet18_workload import resnet18_job
 
 
 class RuleClock:
@@ -112,17 +112,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    model = cifar_resnet18(width=args.width).to(device)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
-    job = make_job(model, score="entropy", params=None, logits_fn=None, device=device,
-                   autocast=args.autocast, max_memory=None)
+    model, x, job = resnet18_job(device, args.batch, autocast=args.autocast, channels_last=args.channels_last,
+                                 width=args.width)
     params = [p for _, p in job.params]
     names = {m: n for n, m in model.named_modules()}
 

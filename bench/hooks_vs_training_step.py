@@ -32,9 +32,9 @@ import torch
 
 from gradnorm_engine.backends.hooks import HooksBackend
 from gradnorm_engine.backends.loop import LoopBackend
-from gradnorm_engine.job import eval_mode, make_job
+from gradnorm_engine.job import eval_mode
 from gradnorm_engine.kernels import _dispatch
-from gradnorm_engine.models import cifar_resnet18
+from resnet18_workload import resnet18_job
 
 
 def timed(fn, device: torch.device) -> tuple[float, float, int]:
@@ -63,17 +63,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    if device.type == "cuda":  # fp32 means fp32: no TF32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    model = cifar_resnet18().to(device)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.to(memory_format=torch.channels_last)
-    job = make_job(model, score="entropy", params=None, logits_fn=None, device=device,
-                   autocast=args.autocast, max_memory=None)
+    model, x, job = resnet18_job(device, args.batch, autocast=args.autocast, channels_last=args.channels_last)
     params = [p for _, p in job.params]
     load_before = os.getloadavg()
 
