@@ -35,15 +35,19 @@ class ScoringJob:
         dtypes = {p.dtype for _, p in self.params}
         return torch.float64 if torch.float64 in dtypes else torch.float32
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Forward in the job's precision and take logits; [B, ...] -> [B, C]."""
+    def logits(self, x: torch.Tensor, substitutes: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Forward in the job's precision and take logits; [B, ...] -> [B, C]. ``substitutes``
+        maps parameter names to tensors used in their place for this forward only."""
         with self.autocast_context():
-            out = self.model(x)
+            if substitutes:
+                out = torch.func.functional_call(self.model, substitutes, (x,), strict=False)
+            else:
+                out = self.model(x)
         return check_logits(self.logits_fn(out), x.shape[0])
 
-    def losses(self, x: torch.Tensor) -> torch.Tensor:
+    def losses(self, x: torch.Tensor, substitutes: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Per-sample losses of a batch; [B, ...] -> [B]."""
-        return check_loss(self.loss_fn(self.logits(x)), x.shape[0])
+        return check_loss(self.loss_fn(self.logits(x, substitutes)), x.shape[0])
 
     def autocast_context(self):
         if self.autocast is None:

@@ -372,3 +372,46 @@ def test_fallback_turns_to_the_loop_when_vmap_cannot_run_the_model():
         engine.sqnorms(torch.randn(3, 6, dtype=torch.float64))
     assert engine.last_fallback == ("scale",)
     assert [type(f.engine).__name__ for f in engine._fallbacks.values()] == ["LoopBackend"]
+
+
+def test_leading_one_parameters_move_from_the_fallback_to_per_sample_copies():
+    """The transformer's position parameter [1, T, d] is scored by the fallback on the first
+    chunk, checked, and by per-sample copies inside the main pass from then on."""
+    model, x = _pool("token_transformer", n=7)
+    job = make_job(model, score="entropy", params=None, logits_fn=None, device=None, autocast=None,
+                   max_memory=None)
+    engine = HooksBackend(job)
+    with eval_mode(model), torch.enable_grad():
+        first = engine.sqnorms(x[:3])
+        assert "pos" in engine.last_fallback and set(engine.copied) == {"pos"}
+        second = engine.sqnorms(x[3:])
+        assert "pos" not in engine.last_fallback
+    loop = _loop_sqnorms(model, x)
+    torch.testing.assert_close(torch.cat([first, second]), loop, rtol=1e-9, atol=1e-12)
+
+
+class LeadingOneMisused(nn.Module):
+    """A [1, k] parameter whose leading 1 is not a batch dim: copies would change the maths."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.lin = nn.Linear(6, k)
+        self.w = nn.Parameter(torch.randn(1, k))
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h + h @ self.w.t()          # [B, k] + [B, 1]
+
+
+# k=2: on the 2 checked samples the copies' shapes fit ([2, 2] + [2, 2]) but the numbers disagree;
+# k=4: the copies raise a shape error. Either way w stays with the exact fallback.
+@pytest.mark.parametrize("k", [2, 4])
+def test_parameters_the_copies_cannot_score_stay_with_the_fallback(k):
+    torch.manual_seed(0)
+    model = LeadingOneMisused(k).double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    engine = _engine(model)
+    with eval_mode(model), torch.enable_grad():
+        got = torch.cat([engine.sqnorms(part) for part in x.split([3, 4])])
+        assert "w" in engine.last_fallback and not engine.copied
+    torch.testing.assert_close(got, _loop_sqnorms(model, x), rtol=1e-9, atol=1e-12)

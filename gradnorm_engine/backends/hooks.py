@@ -103,6 +103,10 @@ class HooksBackend(Backend):
         self.last_fallback: tuple[str, ...] = ()   # names scored by the fallback in the last chunk
         self._checked_sizes: set[int] = set()       # chunk sizes already checked against the loop
         self.distrusted = False                     # the rules failed the check: fallback only
+        # Parameters of shape [1, ...] outside every rule (position embeddings, class tokens)
+        # scored by per-sample copies inside the main pass, once checked (see _try_copies).
+        self.copied: dict[str, nn.Parameter] = {}
+        self._copies_tried = False
 
     @classmethod
     def supports(cls, job: ScoringJob) -> bool:
@@ -140,6 +144,9 @@ class HooksBackend(Backend):
             if fallback:
                 cols = [self.columns[id(p)] for _, p in fallback]
                 out[:, cols] = self._fallback(fallback).sqnorms(x).to(out.dtype)
+                if not self._copies_tried:
+                    self._copies_tried = True
+                    self.copied = self._try_copies(x, fallback, out)
             if x.shape[0] not in self._checked_sizes:
                 self._checked_sizes.add(x.shape[0])
                 if not self._agrees_with_loop(x, out):
@@ -147,6 +154,43 @@ class HooksBackend(Backend):
                     self.last_fallback = tuple(n for n, _ in job.params)
                     return self._fallback(job.params).sqnorms(x).to(job.accum_dtype)
         return out
+
+    def _try_copies(self, x: torch.Tensor, fallback: list, out: torch.Tensor) -> dict[str, nn.Parameter]:
+        """Which fallback parameters per-sample copies can score from now on.
+
+        A parameter p of shape [1, ...] is replaced, for one forward, by B copies [B, ...] (the
+        leading 1 becomes the batch), so that sample b reads only copy b and d loss / d copy b is
+        sample b's gradient of p, summed over all of p's uses. That holds where p's leading 1 is a
+        dim broadcast against the batch (x + pos, torch.cat([cls.expand(B, -1, -1), x])); other
+        uses fail or disagree with the exact fallback on this chunk's first samples, and then p
+        stays with the fallback.
+        """
+        named = [(n, p) for n, p in fallback if p.dim() >= 1 and p.shape[0] == 1]
+        if not named:
+            return {}
+        n = min(CHECK_SAMPLES, x.shape[0])
+        try:
+            copies = self._copy_sqnorms(x[:n], dict(named))
+        except Exception as err:  # noqa: BLE001 - a use the copies cannot take: keep the fallback
+            if is_out_of_memory(err):
+                raise
+            return {}
+        rtol = CHECK_RTOL_AUTOCAST if self.job.autocast is not None else CHECK_RTOL.get(out.dtype, 1e-3)
+        agreed = {}
+        for name, p in named:
+            want = out[:n, self.columns[id(p)]]
+            got = copies[name].to(out.dtype)
+            if bool(((got - want).abs() <= rtol * want.abs() + 1e-30).all()):
+                agreed[name] = p
+        return agreed
+
+    def _copy_sqnorms(self, x: torch.Tensor, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Per-sample squared norms of ``named`` parameters through per-sample copies [B, ...]."""
+        copies = _per_sample_copies(named, x.shape[0])
+        loss = self.job.losses(x, copies).sum()
+        grads = torch.autograd.grad(loss, list(copies.values()), allow_unused=True)
+        return {n: _per_sample_sqnorm(g, x.shape[0], self.job.accum_dtype, x.device)
+                for n, g in zip(copies, grads)}
 
     def _agrees_with_loop(self, x: torch.Tensor, out: torch.Tensor) -> bool:
         """Compare the first samples with the per-sample loop; warn and return False if the
@@ -184,12 +228,14 @@ class HooksBackend(Backend):
         calls: list[_Call] = []
         missed: set[int] = set()   # parameters a rule did not return: they go to the fallback
         found: dict[int, torch.Tensor] = {}   # column -> per-sample squared norms from the rules
+        # Checked [1, ...] parameters take per-sample copies in this forward (see _try_copies).
+        copies = _per_sample_copies(self.copied, x.shape[0])
         handles = []
         try:
             for module, rule, mine in self.ruled:
                 handles.append(module.register_forward_hook(
                     self._recorder(module, rule, mine, calls, found, missed, x.shape[0])))
-            loss = job.losses(x).sum()
+            loss = job.losses(x, copies).sum()
         finally:
             for h in handles:
                 h.remove()
@@ -211,8 +257,11 @@ class HooksBackend(Backend):
         # other active layer output, whose tensor hooks then fire on the way.
         edges = [c.edge for c in calls if c.active and c.node not in above_another]
         try:
-            if edges:
-                torch.autograd.grad(loss, edges, allow_unused=True)
+            if edges or copies:
+                grads = torch.autograd.grad(loss, [*edges, *copies.values()], allow_unused=True)
+                for name, g in zip(copies, grads[len(edges):]):
+                    found[self.columns[id(self.copied[name])]] = _per_sample_sqnorm(
+                        g, x.shape[0], job.accum_dtype, x.device)
         finally:
             # Break the cycle output node -> tensor hook -> call -> node: autograd nodes are not
             # traversed by Python's collector, so the cycle would keep every chunk's graph alive.
@@ -266,6 +315,18 @@ class HooksBackend(Backend):
         for engine in self._fallbacks.values():
             engine.close()
         self._fallbacks.clear()
+
+
+def _per_sample_copies(named: dict[str, nn.Parameter], batch: int) -> dict[str, torch.Tensor]:
+    """For each [1, ...] parameter, ``batch`` leaf copies [batch, ...] of its values."""
+    return {n: p.detach().expand(batch, *p.shape[1:]).clone().requires_grad_(True) for n, p in named.items()}
+
+
+def _per_sample_sqnorm(g: torch.Tensor | None, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """||g_b||^2 per row of a per-sample gradient [B, ...] (zeros where it is unused)."""
+    if g is None:
+        return torch.zeros(batch, dtype=dtype, device=device)
+    return g.to(dtype).flatten(1).pow(2).sum(dim=1)
 
 
 def _trusted_rule(module: nn.Module):

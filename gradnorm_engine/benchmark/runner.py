@@ -165,9 +165,9 @@ def _measure(method: Method, config: BenchConfig, workload: Workload, device: to
             # The first call is checked against the loop and doubles as the first warm-up.
             scores = method.fn(workload.batches[0])
             err = None if method.is_floor or scores is None else max_rel_err(scores, reference)
-            notes = method.notes()
             timing = time_calls(method.fn, workload.batches[1:] + workload.batches[:1],
                                 warmup=max(0, config.warmup - 1), repeats=config.repeats, device=device)
+            notes = method.notes()   # the state the timed calls ran in (after any first-call switch)
     except Exception as exc:  # an out-of-memory or a refusal deep inside: a row, not a crash
         if device.type == "cuda":
             torch.cuda.empty_cache()
