@@ -7,8 +7,9 @@ import torch
 from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
-from gradnorm_engine.norms.conv import (_paddings, choose_conv_form, conv_weight_sqnorm, materialise_per_sample,
-                                        materialise_with_kernels, patch_gram_from_pixels, unfold_patches)
+from gradnorm_engine.norms.conv import (_paddings, choose_conv_form, conv_weight_sqnorm, materialise_depthwise,
+                                        materialise_per_sample, materialise_with_kernels, patch_gram_from_pixels,
+                                        unfold_patches)
 from gradnorm_engine.testing import check_rule
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -74,6 +75,17 @@ PATHS = {
     "kernels": lambda layer, x, g: materialise_with_kernels(layer, x, g, _paddings(layer)),
     "per_sample": lambda layer, x, g: materialise_per_sample(layer, x, g, _paddings(layer)),
 }
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=conv_layers())
+def test_depthwise_grouped_conv_path_matches_per_sample_loop(case):
+    layer, x = case
+    assume(layer.in_channels == layer.groups)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(False)
+    path = lambda lay, xx, g: materialise_depthwise(lay, xx, g, _paddings(lay))  # noqa: E731
+    check_rule(layer, x, rule=_weight_only_rule(path))
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
