@@ -415,3 +415,31 @@ def test_parameters_the_copies_cannot_score_stay_with_the_fallback(k):
         got = torch.cat([engine.sqnorms(part) for part in x.split([3, 4])])
         assert "w" in engine.last_fallback and not engine.copied
     torch.testing.assert_close(got, _loop_sqnorms(model, x), rtol=1e-9, atol=1e-12)
+
+
+class CopiesBreakLater(nn.Module):
+    """A [1, 3] offset used correctly, in a forward that refuses batched copies of it for batches
+    of 4 (standing for a use whose shapes depend on the batch size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.offset = nn.Parameter(torch.randn(1, 3))
+
+    def forward(self, x):
+        if self.offset.shape[0] == 4:
+            raise RuntimeError("shape mismatch")
+        return self.lin(x) + self.offset
+
+
+def test_copies_that_fail_on_a_later_chunk_go_back_to_the_fallback():
+    torch.manual_seed(0)
+    model = CopiesBreakLater().double()
+    x = torch.randn(7, 6, dtype=torch.float64)
+    engine = _engine(model)
+    with eval_mode(model), torch.enable_grad():
+        first = engine.sqnorms(x[:3])
+        assert set(engine.copied) == {"offset"}
+        second = engine.sqnorms(x[3:])           # 4 samples: the copies raise, the chunk is redone
+        assert not engine.copied and "offset" in engine.last_fallback
+    torch.testing.assert_close(torch.cat([first, second]), _loop_sqnorms(model, x), rtol=1e-9, atol=1e-12)

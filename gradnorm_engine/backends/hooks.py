@@ -138,7 +138,16 @@ class HooksBackend(Backend):
                 self.last_fallback = tuple(n for n, _ in job.params)
                 return self._fallback(job.params).sqnorms(x).to(job.accum_dtype)
             out = torch.zeros(x.shape[0], len(job.params), dtype=job.accum_dtype, device=x.device)
-            needs_fallback = self._forward_and_backward(x, out)
+            try:
+                needs_fallback = self._forward_and_backward(x, out)
+            except Exception as err:  # noqa: BLE001 - see below
+                if not self.copied or is_out_of_memory(err):
+                    raise
+                # The per-sample copies, checked on an earlier chunk, do not fit this one (a
+                # shape that depends on the batch size): back to the fallback for good.
+                self.copied = {}
+                out.zero_()
+                needs_fallback = self._forward_and_backward(x, out)
             fallback = [(n, p) for n, p in job.params if id(p) in needs_fallback]
             self.last_fallback = tuple(n for n, _ in fallback)
             if fallback:
