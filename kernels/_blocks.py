@@ -16,8 +16,11 @@ def dot_dtype(*tensors: torch.Tensor, interpreted: bool = False) -> torch.dtype:
     """The dtype both tl.dot operands are cast to; products accumulate in float32 (float64).
 
     bf16/fp16 pairs stay in half precision (tensor cores, exact products, fp32 sums); float64
-    stays float64; everything else, mixed pairs included, runs in float32 at float32 accuracy
-    (see ``dot_precision``).
+    stays float64; everything else, mixed pairs included, runs in full float32: the kernels ask
+    tl.dot for input_precision="ieee" (exact products, not TF32). "tf32x3" (three TF32
+    tensor-core products, ~2^-22 relative accuracy) was no faster on an H200 for the conv kernel,
+    whose time went to gathering patches (CIFAR ResNet-18 layer1 conv, batch 256: 1.77 ms vs
+    1.66 ms, bench/results/h200-hooks.md); worth timing again once the gather is faster.
 
     Under Triton's interpreter bf16 goes through float32 instead: its tl.dot multiplies the raw
     uint16 storage of bf16 tiles (triton 3.8 interpreter.create_dot). That is the same maths,
@@ -32,15 +35,3 @@ def dot_dtype(*tensors: torch.Tensor, interpreted: bool = False) -> torch.dtype:
         return dtypes.pop()
     return torch.float32
 
-
-# How tl.dot multiplies float32 operands: "ieee" (exact float32 products, FMA units). "tf32x3"
-# (three TF32 tensor-core products, ~2^-22 relative accuracy) was no faster on an H200 for the
-# conv kernel, whose time went to gathering patches (CIFAR ResNet-18 layer1 conv, batch 256:
-# 1.77 ms vs 1.66 ms, bench/results/h200-hooks.md); worth timing again once the gather is faster.
-FP32_DOT_PRECISION = "ieee"
-
-
-def dot_precision(dot: torch.dtype) -> str:
-    """input_precision for tl.dot on operands of dtype ``dot``: FP32_DOT_PRECISION for float32,
-    "ieee" for everything else (bf16/fp16 products are exact in float32)."""
-    return FP32_DOT_PRECISION if dot == torch.float32 else "ieee"

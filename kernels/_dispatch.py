@@ -3,8 +3,9 @@
 ``impl="torch"`` always runs the reference. ``impl="auto"`` runs the compiled Triton kernel when
 every tensor is on CUDA and none is float64, the reference otherwise: float64 is for exactness
 checks, where cuBLAS's float64 products are as good and no faster path matters; and when the
-kernels were decorated for the interpreter, a correctness tool far slower than the reference. ``impl="triton"`` insists on the
-kernel: on CUDA tensors it compiles it; on CPU tensors it runs only in Triton's interpreter.
+kernels were decorated for the interpreter, a correctness tool far slower than the reference.
+``impl="triton"`` insists on the kernel: on CUDA tensors it compiles it; on CPU tensors it runs
+only in Triton's interpreter. ``dispatch`` makes the whole choice for one call.
 
 Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` *decorates* a function (triton/runtime/
 jit.py: the decorator returns an ``InterpretedFunction`` when the knob is on), i.e. when this
@@ -17,6 +18,8 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
+
+from ..memory import is_out_of_memory
 
 IMPLS = ("auto", "triton", "torch")
 
@@ -48,13 +51,22 @@ def run_with_fallback(impl: str, name: str, kernel_call: Callable, reference_cal
     try:
         return kernel_call()
     except Exception as err:  # noqa: BLE001 - any compiler or launch failure
-        if impl == "triton" or isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err):
+        if impl == "triton" or is_out_of_memory(err):
             raise
         _FAILED[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         warnings.warn(f"{name}: the Triton kernel failed ({_FAILED[name]}); using its exact torch reference "
                       "instead (slower). Please report this with your triton and torch versions.",
                       KernelFallbackWarning, stacklevel=3)
         return reference_call()
+
+
+def dispatch(impl: str, name: str, tensors: Sequence[torch.Tensor], kernel, kernel_call: Callable,
+             reference_call: Callable):
+    """One call of kernel ``name``: the reference where ``use_triton`` says so, else the kernel
+    under ``run_with_fallback``."""
+    if not use_triton(impl, tensors, kernel, name):
+        return reference_call()
+    return run_with_fallback(impl, name, kernel_call, reference_call)
 
 
 def use_triton(impl: str, tensors: Sequence[torch.Tensor], kernel, name: str) -> bool:

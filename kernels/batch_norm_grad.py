@@ -18,7 +18,7 @@ import math
 import torch
 
 from ._blocks import pow2_block
-from ._dispatch import TRITON_AVAILABLE, accum_dtype, run_with_fallback, use_triton
+from ._dispatch import TRITON_AVAILABLE, accum_dtype, dispatch
 
 if TRITON_AVAILABLE:
     import triton
@@ -137,8 +137,6 @@ def batch_norm_grad_sqnorm(x: torch.Tensor, grad_out: torch.Tensor, mean: torch.
     Example: ``batch_norm_grad_sqnorm(x, gy, bn.running_mean, torch.rsqrt(bn.running_var + bn.eps))``.
     """
     _check(x, grad_out, mean, inv_std)
-    if not use_triton(impl, (x, grad_out, mean, inv_std), _batch_norm_grad_sqnorm_kernel, "batch_norm_grad_sqnorm"):
-        return batch_norm_grad_sqnorm_reference(x, grad_out, mean, inv_std)
-    return run_with_fallback(impl, "batch_norm_grad_sqnorm",
-                             lambda: _batch_norm_grad_sqnorm_triton(x, grad_out, mean, inv_std),
-                             lambda: batch_norm_grad_sqnorm_reference(x, grad_out, mean, inv_std))
+    return dispatch(impl, "batch_norm_grad_sqnorm", (x, grad_out, mean, inv_std), _batch_norm_grad_sqnorm_kernel,
+                    lambda: _batch_norm_grad_sqnorm_triton(x, grad_out, mean, inv_std),
+                    lambda: batch_norm_grad_sqnorm_reference(x, grad_out, mean, inv_std))

@@ -24,8 +24,6 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ._blocks import FP32_DOT_PRECISION
-
 # Argument types per storage dtype: (pointer type of the inputs, accumulator type name, tl types).
 _DTYPES = {
     "fp32": ("fp32", "fp32", tl.float32, tl.float32),
@@ -43,7 +41,6 @@ def _module(name: str):
 def _jobs(dtype: str):
     """(kernel name, jit function, signature, constexprs) for one storage dtype."""
     ptr, acc, tl_in, tl_acc = _DTYPES[dtype]
-    precision = FP32_DOT_PRECISION if dtype == "fp32" else "ieee"
     pss = _module("per_sample_sumsq")
     lin = _module("linear_weight_grad")
     conv = _module("conv2d_weight_grad")
@@ -66,7 +63,7 @@ def _jobs(dtype: str):
     yield ("linear_weight_grad", lin._linear_weight_grad_sqnorm_kernel,
            {"a": f"*{ptr}", "g": f"*{ptr}", "partials": f"*{acc}",
             **ints("T", "D", "P", "sab", "sat", "sad", "sgb", "sgt", "sgp", "n_tiles_d", "n_tiles")},
-           {"DOT": tl_in, "ACC": tl_acc, "PRECISION": precision, "BP": 64, "BD": 64, "BT": 32})
+           {"DOT": tl_in, "ACC": tl_acc, "BP": 64, "BD": 64, "BT": 32})
     for (k, s, p), (tap_major, one_tap) in itertools.product(((3, 1, 1), (1, 2, 0)),
                                                               ((False, False), (True, False), (True, True))):
         # the 3x3 convs and the strided 1x1 shortcuts; NCHW, channels_last, one tap per tile
@@ -75,7 +72,7 @@ def _jobs(dtype: str):
                 **ints("H", "W", "Wo", "L", "Cg", "Og", "K", "n_tiles_o", "n_tiles_k", "n_tiles",
                        "sxb", "sxc", "sxh", "sxw", "sgb", "sgc", "sgh", "sgw")},
                {"KH": k, "KW": k, "SH": s, "SW": s, "PH": p, "PW": p, "DH": 1, "DW": 1,
-                "DOT": tl_in, "ACC": tl_acc, "PRECISION": precision, "TAP_MAJOR": tap_major, "ONE_TAP": one_tap,
+                "DOT": tl_in, "ACC": tl_acc, "TAP_MAJOR": tap_major, "ONE_TAP": one_tap,
                 "BO": 64, "BK": 64, "BL": 64})
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._blocks import dot_dtype, dot_precision, pow2_block
-from ._dispatch import TRITON_AVAILABLE, accum_dtype, is_interpreted, run_with_fallback, use_triton
+from ._blocks import dot_dtype, pow2_block
+from ._dispatch import TRITON_AVAILABLE, accum_dtype, dispatch, is_interpreted
 
 if TRITON_AVAILABLE:
     import triton
@@ -37,7 +37,7 @@ if TRITON_AVAILABLE:
             sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
             KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
             PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-            DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, TAP_MAJOR: tl.constexpr,
+            DOT: tl.constexpr, ACC: tl.constexpr, TAP_MAJOR: tl.constexpr,
             ONE_TAP: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, BL: tl.constexpr):
         """partials[b, tile] = sum_{o in tile_o, k in tile_k} (sum_l go[b,o,l] * patch[b,l,k])^2.
 
@@ -94,7 +94,7 @@ if TRITON_AVAILABLE:
                 inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 x_tile = tl.load(x_cols[None, :] + ih * sxh + iw * sxw,
                                  mask=inside & l_ok[:, None] & k_ok[None, :], other=0.0)  # (BL, BK)
-            acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = tl.dot(g_tile.to(DOT), x_tile.to(DOT), acc, input_precision="ieee", out_dtype=ACC)
         tl.store(partials + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 else:  # pragma: no cover
     _conv2d_weight_grad_sqnorm_kernel = None
@@ -179,7 +179,7 @@ def _conv2d_weight_grad_sqnorm_triton(x, grad_out, kernel_size, stride, padding,
             x, grad_out, partials, H, W, Wo, L, Cg, Og, K, n_tiles_o, n_tiles_k, n_tiles,
             *x.stride(), *grad_out.stride(),
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
-            DOT=_TL[dot], ACC=_TL[acc], PRECISION=dot_precision(dot), TAP_MAJOR=tap_major,
+            DOT=_TL[dot], ACC=_TL[acc], TAP_MAJOR=tap_major,
             ONE_TAP=tap_major and Cg % BK == 0, BO=BO, BK=BK, BL=BL)
     else:
         partials.zero_()
@@ -192,10 +192,7 @@ def conv2d_weight_grad_sqnorm(x: torch.Tensor, grad_out: torch.Tensor, kernel_si
 
     Example: ``conv2d_weight_grad_sqnorm(x, gy, 3, padding=1)  # -> [B]`` for a 3x3 'same' conv.
     """
-    if not use_triton(impl, (x, grad_out), _conv2d_weight_grad_sqnorm_kernel, "conv2d_weight_grad_sqnorm"):
-        return conv2d_weight_grad_sqnorm_reference(x, grad_out, kernel_size, stride, padding,
-                                                   dilation, groups)
-    return run_with_fallback(
-        impl, "conv2d_weight_grad_sqnorm",
-        lambda: _conv2d_weight_grad_sqnorm_triton(x, grad_out, kernel_size, stride, padding, dilation, groups),
-        lambda: conv2d_weight_grad_sqnorm_reference(x, grad_out, kernel_size, stride, padding, dilation, groups))
+    conv = (kernel_size, stride, padding, dilation, groups)
+    return dispatch(impl, "conv2d_weight_grad_sqnorm", (x, grad_out), _conv2d_weight_grad_sqnorm_kernel,
+                    lambda: _conv2d_weight_grad_sqnorm_triton(x, grad_out, *conv),
+                    lambda: conv2d_weight_grad_sqnorm_reference(x, grad_out, *conv))

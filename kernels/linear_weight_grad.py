@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ._blocks import dot_dtype, dot_precision, pow2_block
-from ._dispatch import TRITON_AVAILABLE, accum_dtype, is_interpreted, run_with_fallback, use_triton
+from ._blocks import dot_dtype, pow2_block
+from ._dispatch import TRITON_AVAILABLE, accum_dtype, dispatch, is_interpreted
 
 if TRITON_AVAILABLE:
     import triton
@@ -26,7 +26,7 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _linear_weight_grad_sqnorm_kernel(a, g, partials, T, D, P,
                                           sab, sat, sad, sgb, sgt, sgp, n_tiles_d, n_tiles,
-                                          DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+                                          DOT: tl.constexpr, ACC: tl.constexpr,
                                           BP: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
         """partials[b, tile] = sum_{i in tile_p, j in tile_d} (sum_t g[b,t,i] a[b,t,j])^2.
 
@@ -46,7 +46,7 @@ if TRITON_AVAILABLE:
                              mask=(offs_p[:, None] < P) & (ts[None, :] < T), other=0.0)   # (BP, BT)
             a_tile = tl.load(a + b * sab + ts[:, None] * sat + offs_d[None, :] * sad,
                              mask=(ts[:, None] < T) & (offs_d[None, :] < D), other=0.0)   # (BT, BD)
-            acc = tl.dot(g_tile.to(DOT), a_tile.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+            acc = tl.dot(g_tile.to(DOT), a_tile.to(DOT), acc, input_precision="ieee", out_dtype=ACC)
         tl.store(partials + b * n_tiles + tile, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 else:  # pragma: no cover
     _linear_weight_grad_sqnorm_kernel = None
@@ -86,7 +86,7 @@ def _linear_weight_grad_sqnorm_triton(a: torch.Tensor, g: torch.Tensor) -> torch
     if B > 0:
         _linear_weight_grad_sqnorm_kernel[(n_tiles, B)](
             a, g, partials, T, D, P, *a.stride(), *g.stride(), n_tiles_d, n_tiles,
-            DOT=_TL[dot], ACC=_TL[acc], PRECISION=dot_precision(dot), BP=BP, BD=BD, BT=BT)
+            DOT=_TL[dot], ACC=_TL[acc], BP=BP, BD=BD, BT=BT)
     return partials.sum(dim=1)  # fixed-order reduction over tiles
 
 
@@ -96,7 +96,6 @@ def linear_weight_grad_sqnorm(a: torch.Tensor, g: torch.Tensor, impl: str = "aut
     Example: ``linear_weight_grad_sqnorm(inputs, grad_outputs)  # -> [B]``.
     """
     _check(a, g)
-    if not use_triton(impl, (a, g), _linear_weight_grad_sqnorm_kernel, "linear_weight_grad_sqnorm"):
-        return linear_weight_grad_sqnorm_reference(a, g)
-    return run_with_fallback(impl, "linear_weight_grad_sqnorm", lambda: _linear_weight_grad_sqnorm_triton(a, g),
-                             lambda: linear_weight_grad_sqnorm_reference(a, g))
+    return dispatch(impl, "linear_weight_grad_sqnorm", (a, g), _linear_weight_grad_sqnorm_kernel,
+                    lambda: _linear_weight_grad_sqnorm_triton(a, g),
+                    lambda: linear_weight_grad_sqnorm_reference(a, g))

@@ -140,13 +140,10 @@ def materialise_with_kernels(layer: nn.Module, x: torch.Tensor, g: torch.Tensor,
     nd = x.dim() - 2
     kernel, stride, dilation, groups = layer.kernel_size, layer.stride, layer.dilation, layer.groups
     acc = accum_dtype(x, g)
-    if layer.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
-        padding = tuple(lo for lo, _ in pads)      # the kernel pads implicitly: no padded copy
-    else:
-        x, padding = _pad(x, pads, layer.padding_mode), (0,) * nd
+    x, padding = _op_padding(x, pads, layer.padding_mode)      # the kernel pads zeros itself
     if nd == 1:  # a 1-D conv is a 2-D conv over an image of height 1
         x, g = x.unsqueeze(2), g.unsqueeze(2)
-        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), [0, *padding], (1, *dilation)
     if nd <= 2:
         return conv2d_weight_grad_sqnorm(x, g, kernel, stride=stride, padding=padding,
                                          dilation=dilation, groups=groups).to(acc)
@@ -162,10 +159,7 @@ def materialise_per_sample(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, p
     copy): the fastest exact materialisation on CPU, any dims, groups, stride, dilation.  -> [B]"""
     nd = x.dim() - 2
     acc = accum_dtype(x, g)
-    if layer.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
-        padding = [lo for lo, _ in pads]
-    else:
-        x, padding = _pad(x, pads, layer.padding_mode), [0] * nd
+    x, padding = _op_padding(x, pads, layer.padding_mode)
     x, g = x.to(acc), g.to(acc)
     weight = layer.weight.detach().to(acc)  # only its shape is read
     out = torch.empty(x.shape[0], dtype=acc, device=x.device)
@@ -188,10 +182,7 @@ def materialise_depthwise(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, pa
     batch, channels = x.shape[:2]
     out_channels = g.shape[1]
     acc = accum_dtype(x, g)
-    if layer.padding_mode == "zeros" and all(lo == hi for lo, hi in pads):
-        padding = [lo for lo, _ in pads]
-    else:
-        x, padding = _pad(x, pads, layer.padding_mode), [0] * nd
+    x, padding = _op_padding(x, pads, layer.padding_mode)
     conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     grads = conv(x.to(acc).reshape(1, batch * channels, *x.shape[2:]),
                  g.to(acc).reshape(batch * out_channels, 1, *g.shape[2:]),
@@ -234,6 +225,14 @@ def _paddings(layer: nn.Module) -> list[tuple[int, int]]:
             pads.append((total // 2, total - total // 2))
         return pads
     return [(p, p) for p in layer.padding]
+
+
+def _op_padding(x: torch.Tensor, pads: list[tuple[int, int]], mode: str) -> tuple[torch.Tensor, list[int]]:
+    """(x, padding) for an op that pads zeros symmetrically itself: x as it is where it can,
+    else x padded here (other modes, asymmetric "same") and padding 0."""
+    if mode == "zeros" and all(lo == hi for lo, hi in pads):
+        return x, [lo for lo, _ in pads]
+    return _pad(x, pads, mode), [0] * len(pads)
 
 
 def _pad(x: torch.Tensor, pads: list[tuple[int, int]], mode: str) -> torch.Tensor:
