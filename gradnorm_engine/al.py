@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from .datasets import ALDataset, load_dataset
-from .distributed import broadcast_module
+from .distributed import broadcast_module, is_main_process, on_main_process
 from .errors import UsageError
 from .lossnet import LossNet, has_stage_taps, lossnet_for
 from .models import cifar_resnet18
@@ -263,6 +263,8 @@ def validate(config: ALConfig, pool_size: int) -> None:
 
 
 def _prepare_out(config: ALConfig) -> None:
+    """Create ``config.out`` and write its config.json, or check it against the run there."""
+    os.makedirs(config.out, exist_ok=True)
     settings = config.settings()
     path = os.path.join(config.out, CONFIG)
     exists = os.path.exists(path) or os.path.exists(os.path.join(config.out, RESULTS))
@@ -280,6 +282,10 @@ def _prepare_out(config: ALConfig) -> None:
         settings["trials"] = max(saved.get("trials", 0), settings["trials"])
         settings["cycles"] = max(saved.get("cycles", 0), settings["cycles"])
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+
+
+def _load_checkpoint(path: str) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
 
 
 def _load_all_records(out: str) -> dict[tuple[str, int], list[dict]]:
@@ -314,8 +320,15 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
 
     ``hook(event, info)`` is called at "trained", "queried", "saved" and "written" of every cycle
     (tests use it to simulate a kill). Returns all records of ``config.out`` in file order.
+
+    Under torchrun (a default process group with several ranks) every rank runs the loop and
+    shares the queries' scoring; rank 0 alone reads and writes ``config.out`` (checkpoints read
+    on a resume reach the other ranks through the group, so the folder need not be shared),
+    logs and shows progress bars.
     """
-    log = log or (lambda _msg: None)
+    main = is_main_process()
+    log = (log if main else None) or (lambda _msg: None)
+    progress = config.progress and main
     validate_names(config)
     if data is None:
         data = load_dataset(config.dataset, **config.data_options)
@@ -323,23 +336,22 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
     validate(config, pool_size)
     device = resolve_device(config.device)
     strategies = {name: make_strategy(name, norm=config.norm, backend=config.backend) for name in config.strategies}
-    os.makedirs(config.out, exist_ok=True)
-    _prepare_out(config)
+    on_main_process(lambda: _prepare_out(config))
     train_split = place_split(data.train, device)
     test_split = place_split(data.test, device)
-    all_records = _load_all_records(config.out) if config.resume else {}
+    all_records = on_main_process(lambda: _load_all_records(config.out)) if config.resume else {}
     hook = hook or (lambda _event, _info: None)
     p = config.preset
     train_config = TrainConfig(epochs=p.epochs, lr=p.lr, milestones=p.milestones, batch_size=p.batch_size,
-                               detach_epoch=p.resolved_detach_epoch(), progress=config.progress)
+                               detach_epoch=p.resolved_detach_epoch(), progress=progress)
 
     for trial in range(1, p.trials + 1):
         for name, strategy in strategies.items():
             path = checkpoint_path(config.out, name, trial)
             init_seed = derive_seed(config.seed, trial, "init")
             model, lossnet = _fresh_models(data, p, model_factory, init_seed, strategy.uses_lossnet, device)
-            if config.resume and os.path.exists(path):
-                state = torch.load(path, map_location="cpu", weights_only=False)
+            state = on_main_process(lambda: _load_checkpoint(path)) if config.resume else None
+            if state is not None:
                 model.load_state_dict(state["model"])
                 if lossnet is not None:
                     lossnet.load_state_dict(state["lossnet"])
@@ -383,7 +395,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
                     broadcast_module(lossnet)
                 subset = draw_subset(unlabeled, p.subset, query_generator)
                 context = QueryContext(model=model, data=train_split, labeled=labeled, subset=subset, device=device,
-                                       lossnet=lossnet, generator=query_generator, progress=config.progress)
+                                       lossnet=lossnet, generator=query_generator, progress=progress)
                 picked = torch.as_tensor(strategy.select(context, p.budget), dtype=torch.int64).cpu()
                 _sync(device)
                 query_s = time.perf_counter() - start
@@ -404,7 +416,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
                 records.append(record)
                 hook("queried", info)
 
-                atomic_torch_save({
+                state = {
                     "cycle": cycle, "labeled": labeled, "unlabeled": unlabeled,
                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                     "lossnet": None if lossnet is None else {k: v.detach().cpu() for k, v in lossnet.state_dict().items()},
@@ -412,15 +424,19 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
                     "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     "records": records,
-                }, path)
+                }
+                if main:
+                    atomic_torch_save(state, path)
                 hook("saved", info)
                 all_records[(name, trial)] = records
-                write_results(config.out, _ordered_records(all_records, config.strategies))
+                if main:
+                    write_results(config.out, _ordered_records(all_records, config.strategies))
                 hook("written", info)
                 log(f"{name:>13} trial {trial} cycle {cycle}: {trained_on:>6} labeled  test acc {test_acc:6.2f} %  "
                     f"train {train_s:7.1f} s  query {query_s:6.2f} s")
 
     records = _ordered_records(all_records, config.strategies)
-    write_results(config.out, records)
+    if main:
+        write_results(config.out, records)
     return records
 

@@ -31,9 +31,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
-from collections.abc import Iterable, Sequence
+import pickle
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,6 +46,7 @@ from .job import make_job
 from .ranking import best_positions
 from .reduction import check_norm
 
+T = TypeVar("T")
 TIMEOUT_ENV = "GRADNORM_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -99,6 +102,40 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
             # CPU tensors go through the engine's gloo group: an NCCL default group refuses them.
             group = _control_group() if tensor.device.type == "cpu" else None
             _collective(lambda: dist.broadcast(tensor.data, src, group=group), "broadcasting the model")
+
+
+def on_main_process(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 alone and return its result on every rank; if it raised, every rank
+    raises that exception. For file work of loops that run on every rank (reading a checkpoint,
+    checking an output folder): one process touches the files and no rank is left waiting on a
+    peer that failed. Just ``fn()`` without a group. The result travels pickled, via gloo.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box: list = [None]
+    own_error = None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - handed to every rank below
+            own_error, box[0] = err, ("raised", _picklable(err))
+    _collective(lambda: dist.broadcast_object_list(box, src=0, group=_control_group()),
+                "sharing rank 0's file work")
+    if own_error is not None:
+        raise own_error
+    status, value = box[0]
+    if status == "raised":
+        raise value
+    return value
+
+
+def _picklable(err: Exception) -> Exception:
+    """``err`` itself if it survives pickling, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"rank 0: {type(err).__name__}: {err}")
 
 
 # --- which positions a rank reads ------------------------------------------------------------

@@ -75,3 +75,23 @@ def test_demo_small(tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["al", *TINY, "--cycles", "1", "--strategies", "random", "--out", str(other), "--no-report"]) == 0
     assert main(["demo", "--out", str(other), "--skip-engine-check", "--cycles", "1", "--epochs", "1"]) == 2
+
+
+def test_al_under_torchrun_runs_on_two_ranks_and_rank0_writes_and_prints(tmp_path):
+    """`torchrun -m gradnorm_engine.cli al` (gloo on CPU): the group is started by the command,
+    the loop runs on both ranks, one set of files and one printed table come out."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gradnorm_engine.cli",
+         "al", *TINY, "--strategies", "ent-gradnorm", "--out", str(out), "--no-report", "--device", "cpu"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ent-gradnorm trial 1 cycle 1:") == 1, done.stdout
+    assert done.stdout.count("strategy (trials)") == 1, done.stdout
+    records = [json.loads(line) for line in open(out / "results.jsonl")]
+    assert [(r["strategy"], r["labeled"]) for r in records] == [("ent-gradnorm", 20), ("ent-gradnorm", 30)]

@@ -154,17 +154,39 @@ def toy_al_model(data, preset):
     return small_cnn(num_classes=3, in_channels=1, width=4)
 
 
-def run_al_loop(out: str) -> list:
-    """Two cycles of the active-learning loop with Ent-GradNorm queries; the picked indices."""
+def run_al_loop(out: str, cycles: int = 2, resume: bool = False) -> list:
+    """``cycles`` cycles of the active-learning loop with Ent-GradNorm queries; the picked indices."""
     from gradnorm_engine.al import ALConfig, run_active_learning
     from gradnorm_engine.presets import Preset
 
-    preset = Preset(initial=10, budget=7, subset=31, cycles=2, trials=1, epochs=2, lr=0.05, milestones=(9,),
+    preset = Preset(initial=10, budget=7, subset=31, cycles=cycles, trials=1, epochs=2, lr=0.05, milestones=(9,),
                     batch_size=8)
     config = ALConfig(dataset="toy", strategies=["ent-gradnorm"], preset=preset, out=out, device="cpu",
-                      progress=False)
+                      progress=False, resume=resume)
     records = run_active_learning(config, data=toy_al_dataset(), model_factory=toy_al_model, log=None)
     return [r["queried"] for r in records]
+
+
+def al_two_then_three_cycles(out: str) -> tuple:
+    """Two cycles, then resumed to three; the picks of each run."""
+    return run_al_loop(out, cycles=2), run_al_loop(out, cycles=3, resume=True)
+
+
+def al_under_torchrun(outdir: str) -> dict:
+    """The loop on every rank. Rank 0's folder is the run's; the other ranks are handed a path that
+    does not exist (as on another node): the loop must neither write there nor need to read it,
+    also when it resumes. Then a fresh run into rank 0's used folder: a mistake found by rank 0."""
+    rank = dist.get_rank()
+    out = Path(outdir) / ("al" if rank == 0 else f"al-rank{rank}-never-created")
+    first, resumed = al_two_then_three_cycles(str(out))
+    try:
+        run_al_loop(str(out))
+        again = "no error"
+    except Exception as err:
+        again = type(err).__name__
+    lines = (out / "results.jsonl").read_text().splitlines() if rank == 0 else None
+    return {"first": first, "resumed": resumed, "folder_exists": out.exists(), "result_lines": lines,
+            "run_into_used_folder": again}
 
 
 def failure_details(model: nn.Module) -> tuple:
@@ -212,7 +234,7 @@ def run_checks(outdir: str) -> dict:
             range(N), generator=torch.Generator().manual_seed(dist.get_rank()))), progress=False),
         "broadcast": broadcast_from_rank0,
         "main_process": is_main_process,
-        "al_loop": lambda: run_al_loop(str(Path(outdir) / f"al-rank{dist.get_rank()}")),
+        "al_loop": lambda: al_under_torchrun(outdir),
     }
     results = {}
     for name, call in checks.items():
@@ -294,7 +316,7 @@ def al_reference(tmp_path_factory) -> list:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: the same float reductions in training
     try:
-        return run_al_loop(str(tmp_path_factory.mktemp("al-single")))
+        return al_two_then_three_cycles(str(tmp_path_factory.mktemp("al-single") / "run"))
     finally:
         torch.set_num_threads(threads)
 
@@ -364,6 +386,19 @@ def test_a_failing_rank_makes_every_rank_raise_its_message(ranks, check):
         kind, name, message = results[check]
         assert (kind, name) == ("raised", "DistributedScoringError"), f"rank {r}: {results[check]}"
         assert f"1 of {world} ranks: rank {culprit}: OSError: cannot decode sample {FAIL_AT}" in message
+
+
+def test_the_al_loop_under_torchrun_picks_as_one_process_and_rank0_alone_touches_files(ranks, al_reference):
+    first, resumed = al_reference
+    assert len(first) == 2 and len(resumed) == 3 and resumed[:2] == first
+    for r, results in enumerate(ranks):
+        got = results["al_loop"]
+        assert isinstance(got, dict), f"rank {r} of {len(ranks)}: {got}"
+        assert got["first"] == first and got["resumed"] == resumed, f"rank {r} of {len(ranks)}"
+        assert got["folder_exists"] == (r == 0), f"rank {r} of {len(ranks)}"
+        # rank 0's own check of its folder stops every rank, none is left waiting
+        assert got["run_into_used_folder"] == "UsageError", f"rank {r} of {len(ranks)}"
+    assert len(ranks[0]["al_loop"]["result_lines"]) == 3
 
 
 def test_the_failing_rank_chains_its_original_exception(ranks):

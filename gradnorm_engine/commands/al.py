@@ -8,6 +8,11 @@
 Options left out come from the preset (``--preset quick`` by default; see gradnorm_engine.presets).
 Writes DIR/results.jsonl (one record per strategy, trial and cycle), DIR/config.json and
 DIR/checkpoints/; ``gradnorm-engine report DIR`` draws the figures.
+
+Under torchrun every rank runs the loop (one GPU each) and the gradient-norm queries are
+sharded across the ranks; rank 0 writes DIR and prints:
+
+    torchrun --standalone --nproc_per_node=4 -m gradnorm_engine.cli al --dataset cifar10 --preset paper --out runs/c10
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import argparse
 
 from ..al import ALConfig, run_active_learning
 from ..datasets import dataset_names
+from ..distributed import init_from_torchrun, is_main_process
 from ..errors import UsageError
 from ..presets import PRESETS, get_preset
 from ..report import accuracy_table, write_report
@@ -91,7 +97,12 @@ def run(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(args.threads)
     config = config_from_args(args)
+    rank_device = init_from_torchrun()   # under torchrun: the process group and this rank's GPU
+    if rank_device is not None and args.device is None:
+        config.device = str(rank_device)
     records = run_active_learning(config)
+    if not is_main_process():
+        return 0
     print()
     print(accuracy_table(records, fmt="text"))
     if not args.no_report:
