@@ -10,7 +10,8 @@
 #
 # Part 1, hooks (CIFAR ResNet-18, batch 256):
 #   h1. hooks vs a training step (forward+backward) side by side, fp32 with TF32 off, and
-#   h2. bf16 autocast + channels_last     (bench/hooks_vs_training_step.py)
+#   h2. bf16 autocast + channels_last     (bench/hooks_vs_training_step.py), and h8. the same at
+#       batch 1024: bf16 at 256 is host-bound, does a 4x larger chunk amortise the overhead?
 #   h3. where the time goes, fp32, and h4. bf16 + channels_last (bench/hooks_profile.py)
 #   h5. the CUDA tests: compiled kernels and the hooks backend against the per-sample loop
 #   h6. the Triton kernels against their torch references, the Gram form and cuDNN's batched
@@ -139,6 +140,8 @@ if [ "$PART" = all ] || [ "$PART" = hooks ]; then
     "$PY" bench/hooks_vs_training_step.py --device "$DEVICE" --batch $B --repeats 15
   script_step h2-hooks-bf16-cl 50 "hooks vs a training step, bf16 autocast + channels_last, batch $B" \
     "$PY" bench/hooks_vs_training_step.py --device "$DEVICE" --batch $B --repeats 15 --autocast bf16 --channels-last
+  script_step h8-hooks-bf16-cl-1024 40 "hooks vs a training step, bf16 autocast + channels_last, batch $((4 * B)) (host overhead amortised?)" \
+    "$PY" bench/hooks_vs_training_step.py --device "$DEVICE" --batch $((4 * B)) --repeats 9 --autocast bf16 --channels-last --loop-samples 0
   script_step h3-profile-fp32 45 "where the hooks time goes, fp32" \
     "$PY" bench/hooks_profile.py --device "$DEVICE" --batch $B
   script_step h4-profile-bf16-cl 45 "where the hooks time goes, bf16 + channels_last" \
