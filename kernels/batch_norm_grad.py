@@ -119,14 +119,15 @@ def _batch_norm_grad_sqnorm_triton(x, g, mean, inv_std):
         BC = pow2_block(channels, lo=16, hi=128)
         BL = pow2_block(max(1, 2048 // BC), lo=1, hi=256)
     n_blocks = triton.cdiv(channels, BC)
-    partial_w = torch.empty(batch, n_blocks, dtype=acc, device=x.device)
-    partial_b = torch.empty(batch, n_blocks, dtype=acc, device=x.device)
+    partials = torch.empty(2, batch, n_blocks, dtype=acc, device=x.device)   # weight, bias
     if batch > 0:
         _batch_norm_grad_sqnorm_kernel[(n_blocks, batch)](
-            x, g, mean.to(acc).contiguous(), inv_std.to(acc).contiguous(), partial_w, partial_b,
+            x, g, mean.to(acc).contiguous(), inv_std.to(acc).contiguous(), partials[0], partials[1],
             channels, positions, sxb, sxc, sxl, sgb, sgc, sgl, n_blocks,
             ACC=tl.float64 if acc == torch.float64 else tl.float32, BC=BC, BL=BL)
-    return partial_w.sum(dim=1), partial_b.sum(dim=1)   # fixed-order reduction over blocks
+    # Fixed-order reduction over the blocks, one launch for both (none with a single block).
+    sums = partials[:, :, 0] if n_blocks == 1 else partials.sum(dim=2)
+    return sums[0], sums[1]
 
 
 def batch_norm_grad_sqnorm(x: torch.Tensor, grad_out: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor,
