@@ -9,6 +9,7 @@ score vector.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from .backends import Backend, resolve_backend
 from .distributed import rank_unlabeled_sharded, score_pool_sharded, use_sharding
 from .inputs import extract_input
 from .job import ScoringJob, eval_mode, make_job, on_device
+from .loaders import batch_size_hint, check_pool_loader, pool_length
 from .memory import is_out_of_memory
 from .ranking import best_positions
 from .reduction import check_norm, reduce_sqnorms
@@ -87,7 +89,7 @@ def rank_unlabeled(model: nn.Module, loader: Iterable, k: int, *, distributed: b
     Under torch.distributed each rank ranks its own block and the per-rank top-k lists are
     merged, so every rank returns the same, single-process answer.
     """
-    _check_k(k)
+    k = _check_k(k)
     if use_sharding(distributed):
         return rank_unlabeled_sharded(model, loader, k, **options)
     scores, backend_name = _score(model, loader, **options, distributed=False)
@@ -105,7 +107,7 @@ def _score(model, loader, *, score="entropy", norm="frobenius", backend="auto", 
     check_norm(norm)
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive number of samples, got {chunk_size}")
-    _check_loader(loader)
+    check_pool_loader(loader)
     job = make_job(model, score=score, params=params, logits_fn=logits_fn, device=device,
                    autocast=autocast, max_memory=max_memory,
                    options={"chunk_size": chunk_size} if chunk_size else None)
@@ -117,7 +119,10 @@ def _score(model, loader, *, score="entropy", norm="frobenius", backend="auto", 
 
 def top_k(scores: torch.Tensor, k: int, *, backend: str = "?", norm: str = "frobenius") -> RankResult:
     """Rank a score vector [N]: highest first, ties by lower position."""
-    _check_k(k)
+    k = _check_k(k)
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores must be a 1-D tensor [N] of one score per sample, got {shape}")
     n = scores.numel()
     if k > n:
         raise ValueError(f"k = {k} is larger than the pool ({n} samples); ask for at most {n}")
@@ -125,21 +130,19 @@ def top_k(scores: torch.Tensor, k: int, *, backend: str = "?", norm: str = "frob
     return RankResult(indices=order, scores=scores[order], pool_size=n, backend=backend, norm=norm)
 
 
-def _check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
+def _check_k(k) -> int:
+    """k as an int: Python, numpy and 0-d torch integers are taken; bools and floats refused."""
+    is_bool = isinstance(k, bool) or type(k).__name__ == "bool_" or \
+        (isinstance(k, torch.Tensor) and k.dtype == torch.bool)
+    try:
+        value = None if is_bool else operator.index(k)
+    except TypeError:
+        value = None
+    if value is None:
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k <= 0:
-        raise ValueError(f"k must be at least 1, got {k}")
-
-
-def _check_loader(loader) -> None:
-    if getattr(loader, "drop_last", False):
-        raise ValueError("the loader drops its last incomplete batch (drop_last=True), so those samples "
-                         "would never be scored; build the DataLoader with drop_last=False")
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, torch.utils.data.RandomSampler):
-        raise ValueError("the loader shuffles (shuffle=True), so pool positions in loader order would not "
-                         "map back to dataset indices; build the DataLoader with shuffle=False")
+    if value <= 0:
+        raise ValueError(f"k must be at least 1, got {value}")
+    return value
 
 
 class _ChunkStream:
@@ -170,7 +173,7 @@ class _ChunkStream:
 
 
 def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, *, input_key, norm, progress) -> torch.Tensor:
-    total = _pool_len(loader)
+    total = pool_length(loader)
     bar = tqdm(total=total, unit="sample", unit_scale=True, desc=f"gradnorm ({engine.name})",
                disable=not progress, dynamic_ncols=True)
     stream = _ChunkStream()
@@ -207,6 +210,11 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, *, input_
                 run(stream.pop(chunk))
         while stream.count:
             run(stream.pop(chunk))
+    except Exception as err:
+        hint = batch_size_hint(loader)
+        if hint and not results:   # failed before any chunk scored: maybe single samples taken as batches
+            err.add_note(hint)
+        raise
     finally:
         bar.close()
 
@@ -220,10 +228,3 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, *, input_
             f"{bad.numel()} sample(s) got a non-finite score (NaN or Inf in the sample or its logits), at "
             f"pool positions {shown}; clean or drop those samples, or check the model for overflow")
     return scores
-
-
-def _pool_len(loader) -> int | None:
-    try:
-        return len(loader.dataset)  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):
-        return None

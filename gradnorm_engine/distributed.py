@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
 from .job import make_job
+from .loaders import check_pool_loader, items_are_batches
 from .ranking import best_positions
 from .reduction import check_norm
 
@@ -262,7 +263,7 @@ def rank_unlabeled_sharded(model: nn.Module, loader: Iterable, k: int, **options
     RankResult. Only at most k scores and k positions per rank travel."""
     from .api import RankResult, _check_k  # api imports this module; import back lazily
 
-    _check_k(k)
+    k = _check_k(k)
     block = _score_own_block(model, loader, options)
     if k > block.pool_size:
         raise ValueError(f"k = {k} is larger than the pool ({block.pool_size} samples); "
@@ -360,7 +361,7 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict) -> Score
     # Checks that depend only on the arguments run before anything is exchanged: every rank
     # fails the same way at once, with the single-process exception type.
     _check_options(model, options, api)
-    api._check_loader(loader)  # on the user's loader: the block loader hides shuffle/drop_last
+    check_pool_loader(loader)  # on the user's loader: the block loader hides shuffle/drop_last
     rank, world = dist.get_rank(), dist.get_world_size()
     check_shardable(loader)
     order = loader_order(loader)
@@ -378,9 +379,10 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict) -> Score
             status = RankStatus(ok=True, count=scores.numel(), backend=backend, dtype=str(scores.dtype))
         except Exception as err:  # reported to every rank below, then re-raised here
             error = err
-            status = RankStatus(ok=False, message=(
-                f"{type(err).__name__}: {err} (rank {rank} scores pool positions {start}..{stop - 1}; "
-                f"positions in this message count from {start})"))
+            block_words = (f"items {start}..{stop - 1} of the loader (each a batch); positions in this message "
+                           f"count samples from the first of those items" if items_are_batches(loader) else
+                           f"pool positions {start}..{stop - 1}; positions in this message count from {start}")
+            status = RankStatus(ok=False, message=f"{type(err).__name__}: {err} (rank {rank} scores {block_words})")
 
     try:
         statuses = exchange_status(status, group)

@@ -5,6 +5,7 @@ Backends receive a ``ScoringJob`` and never look at the user's raw options.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -61,6 +62,10 @@ def select_params(model: nn.Module, params: Iterable | None) -> list[tuple[str, 
     named = list(model.named_parameters())
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
+    elif isinstance(params, (str, torch.Tensor)):
+        raise TypeError(f"params takes a list of parameters or of their names, got one {type(params).__name__}; "
+                        f"pass it in a list: params=[{params!r}]" if isinstance(params, str) else
+                        "params takes a list of parameters or of their names, got one tensor; pass params=[p]")
     else:
         wanted = list(params)
         by_name = dict(named)
@@ -106,6 +111,23 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def measure_only(job: ScoringJob) -> Iterator[None]:
+    """Let autograd track exactly the measured parameters for the run (restored afterwards):
+    frozen parameters build no graph, and a measured parameter with requires_grad=False is
+    still measured, as in the vmap backend."""
+    measured = {id(p) for _, p in job.params}
+    # Only the parameters whose flag must change (usually none: every parameter measured).
+    changed = [p for p in job.model.parameters() if p.requires_grad != (id(p) in measured)]
+    try:
+        for p in changed:
+            p.requires_grad_(not p.requires_grad)
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(not p.requires_grad)
+
+
+@contextlib.contextmanager
 def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Move the model to ``device`` for the run and back afterwards (an exact copy both ways)."""
     home = model_device(model)
@@ -129,8 +151,8 @@ def make_job(model: nn.Module, *, score, params, logits_fn, device, autocast, ma
         model = model.module
     if autocast not in (None, *AUTOCAST_DTYPES):
         raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")
-    if max_memory is not None and max_memory <= 0:
-        raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
+    if max_memory is not None and not (max_memory > 0 and math.isfinite(max_memory)):
+        raise ValueError(f"max_memory must be a positive, finite number of bytes, got {max_memory}")
     return ScoringJob(
         model=model,
         params=select_params(model, params),

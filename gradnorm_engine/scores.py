@@ -13,11 +13,22 @@ import torch.nn.functional as F
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
+def check_classes(logits: torch.Tensor) -> None:
+    """The built-in scores need two or more classes: over one logit the softmax is constant."""
+    if logits.shape[-1] < 2:
+        raise ValueError(
+            f"the model gives {logits.shape[-1]} logit per sample: a softmax over one class is constant, so "
+            "every score would be 0 and the ranking meaningless. For a binary classifier with one logit z, "
+            "pass logits_fn=lambda out: torch.cat([torch.zeros_like(out), out], dim=1) (two classes with "
+            "probabilities 1 - sigmoid(z) and sigmoid(z), the model's own), or a score= callable of your own")
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """H(x) = -sum_c p_c log p_c with p = softmax(logits), natural log, in nats.  [B, C] -> [B]
 
     Computed from log_softmax, so it is finite for any finite logits.
     """
+    check_classes(logits)
     logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
 
@@ -27,6 +38,7 @@ def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
     ``Categorical(probs=softmax(logits)).entropy()``, which clamps p to [eps, 1 - eps]
     (eps = the dtype's machine epsilon) before the log.  [B, C] -> [B]
     """
+    check_classes(logits)
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     p = F.softmax(x, dim=-1)
     eps = torch.finfo(p.dtype).eps
@@ -36,6 +48,7 @@ def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def pseudo_label_ce(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against the model's own argmax label (the label is a constant).  [B, C] -> [B]"""
+    check_classes(logits)
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     target = x.detach().argmax(dim=-1)
     return F.cross_entropy(x, target, reduction="none")

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, RandomSampler, SubsetRandomSampler,
+                              TensorDataset, WeightedRandomSampler)
 
 from gradnorm_engine import rank_unlabeled, score_pool
 from gradnorm_engine.backends import BACKENDS
@@ -186,6 +187,90 @@ def test_loader_that_drops_or_shuffles_is_refused():
         score_pool(model, DataLoader(ds, batch_size=4, drop_last=True), progress=False)
     with pytest.raises(ValueError, match="shuffle"):
         score_pool(model, DataLoader(ds, batch_size=4, shuffle=True), progress=False)
+    # Random orders and dropped samples hidden in samplers: refused too, also by rank_unlabeled.
+    with pytest.raises(ValueError, match="SubsetRandomSampler.*sampler=indices"):
+        rank_unlabeled(model, DataLoader(ds, batch_size=4, sampler=SubsetRandomSampler(range(9))), 3, progress=False)
+    with pytest.raises(ValueError, match="WeightedRandomSampler"):
+        score_pool(model, DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler([1.0] * 9, 9)), progress=False)
+    with pytest.raises(ValueError, match="batch sampler drops"):
+        score_pool(model, DataLoader(ds, batch_sampler=BatchSampler(range(9), 4, drop_last=True)), progress=False)
+    with pytest.raises(ValueError, match="shuffle"):
+        score_pool(model, DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 4, False)), progress=False)
+    with pytest.raises(ValueError, match="DistributedSampler"):
+        sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=False)
+        score_pool(model, DataLoader(ds, batch_size=4, sampler=sampler), progress=False)
+
+
+def test_a_fixed_index_sampler_scores_those_samples_in_its_order():
+    model, x = _model("tuple_output_mlp")
+    order = [7, 2, 5, 0]
+    want = score_pool(model, [x[order]], progress=False)
+    got = score_pool(model, DataLoader(TensorDataset(x), batch_size=3, sampler=order), progress=False)
+    assert torch.equal(got, want)
+
+
+def test_the_progress_bar_counts_the_samples_the_loader_yields(capsys):
+    model, x = _model("tuple_output_mlp")
+    score_pool(model, DataLoader(TensorDataset(x), batch_size=2, sampler=[1, 2, 3]), progress=True)
+    bar = capsys.readouterr().err
+    assert "3.00/3.00" in bar and "/9" not in bar
+
+
+def test_k_may_be_a_numpy_or_torch_integer():
+    np = pytest.importorskip("numpy")
+    model, x = _model("tuple_output_mlp")
+    want = rank_unlabeled(model, [x], 3, progress=False).indices
+    for k in (np.int64(3), torch.tensor(3)):
+        assert torch.equal(rank_unlabeled(model, [x], k, progress=False).indices, want)
+    for k in (True, 3.0, np.float32(3), torch.tensor(3.0)):
+        with pytest.raises(TypeError, match="k must be an int"):
+            rank_unlabeled(model, [x], k, progress=False)
+
+
+def test_frozen_parameters_named_in_params_are_measured_by_every_backend():
+    model, x = _model("bn_dropout_residual_cnn")
+    want = reference_scores(model, x, params=["head.weight", "stem.weight"])   # before any is frozen
+    want_all = reference_scores(model, x)
+    model.head.weight.requires_grad_(False)
+    for backend in BACKENDS:
+        got = score_pool(model, [x], params=["head.weight", "stem.weight"], backend=backend, progress=False)
+        assert max_rel_err(got, want) <= 1e-5, backend
+        assert not model.head.weight.requires_grad
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for backend in BACKENDS:
+        got = score_pool(model, [x], params=list(model.parameters()), backend=backend, progress=False)
+        assert max_rel_err(got, want_all) <= 1e-5, backend
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_items_taken_as_batches_get_a_note_about_batch_size():
+    model, x = _model("tuple_output_mlp")
+    with pytest.raises(RuntimeError) as raised:
+        score_pool(model, DataLoader(x, batch_size=None), progress=False)   # items are single samples
+    assert "batch_size=None" in "".join(raised.value.__notes__)
+
+
+def test_one_logit_is_refused_with_the_two_class_fix():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(5, 6)
+    for score in ("entropy", "categorical_entropy", "pseudo_label_ce"):
+        with pytest.raises(ValueError, match="1 logit per sample"):
+            score_pool(model, [x], score=score, progress=False)
+    two = lambda out: torch.cat([torch.zeros_like(out), out], dim=1)  # noqa: E731 - the fix the message names
+    got = score_pool(model, [x], logits_fn=two, progress=False)
+    assert max_rel_err(got, reference_scores(model, x, logits_fn=two)) <= 1e-5
+    assert bool((got > 0).all())
+
+
+def test_params_and_max_memory_mistakes_name_the_fix():
+    model, x = _model("tuple_output_mlp")
+    name = next(n for n, _ in model.named_parameters())
+    with pytest.raises(TypeError, match=r"params=\['"):
+        score_pool(model, [x], params=name, progress=False)
+    with pytest.raises(ValueError, match="finite"):
+        score_pool(model, [x], max_memory=float("inf"), progress=False)
 
 
 def test_unknown_names_are_refused():

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SubsetRandomSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, TensorDataset
 
 from gradnorm_engine import rank_unlabeled, score_pool, top_k
 from gradnorm_engine.distributed import (DistributedScoringError, broadcast_module, is_main_process, loader_order,
@@ -230,8 +230,8 @@ def run_checks(outdir: str) -> dict:
         "k_too_large": lambda: rank_unlabeled(model, pool_loader(), N + 1, progress=False),
         "iterable": lambda: score_pool(model, DataLoader(Stream(), batch_size=4), progress=False),
         "shuffled": lambda: score_pool(model, pool_loader(shuffle=True), progress=False),
-        "orders_differ": lambda: score_pool(model, pool_loader(sampler=SubsetRandomSampler(
-            range(N), generator=torch.Generator().manual_seed(dist.get_rank()))), progress=False),
+        "orders_differ": lambda: score_pool(model, pool_loader(sampler=torch.randperm(
+            N, generator=torch.Generator().manual_seed(dist.get_rank())).tolist()), progress=False),
         "broadcast": broadcast_from_rank0,
         "main_process": is_main_process,
         "al_loop": lambda: al_under_torchrun(outdir),

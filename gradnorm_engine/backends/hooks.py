@@ -25,7 +25,6 @@ whole job to the exact fallback with a ``HooksFallbackWarning``.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import warnings
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from ..job import ScoringJob
+from ..job import ScoringJob, measure_only
 from ..memory import activation_elems, chunk_budget, is_out_of_memory
 from ..norms import NORM_RULES, find_norm_rule
 from .base import Backend
@@ -133,7 +132,7 @@ class HooksBackend(Backend):
 
     def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
         job = self.job
-        with _measure_only(job):
+        with measure_only(job):
             if self.distrusted or not self.ruled:  # nothing for the rules: skip their forward
                 self.last_fallback = tuple(n for n, _ in job.params)
                 return self._fallback(job.params).sqnorms(x).to(job.accum_dtype)
@@ -452,20 +451,3 @@ def _topological(root, children) -> list:
             if kid not in seen:
                 stack.append((kid, False))
     return result
-
-
-@contextlib.contextmanager
-def _measure_only(job):
-    """Let autograd track exactly the measured parameters for the run (restored afterwards):
-    frozen parameters build no graph, and a measured parameter with requires_grad=False is
-    still measured, as in the vmap backend."""
-    measured = {id(p) for _, p in job.params}
-    # Only the parameters whose flag must change (usually none: every parameter measured).
-    changed = [p for p in job.model.parameters() if p.requires_grad != (id(p) in measured)]
-    try:
-        for p in changed:
-            p.requires_grad_(not p.requires_grad)
-        yield
-    finally:
-        for p in changed:
-            p.requires_grad_(not p.requires_grad)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..job import measure_only
 from .base import Backend
 
 
@@ -19,12 +20,13 @@ class LoopBackend(Backend):
         job = self.job
         params = [p for _, p in job.params]
         out = torch.zeros(x.shape[0], len(params), dtype=job.accum_dtype, device=x.device)
-        for i in range(x.shape[0]):
-            loss = job.losses(x[i : i + 1])[0]
-            if not loss.requires_grad:
-                continue  # the loss does not depend on any parameter: every norm is 0
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for j, g in enumerate(grads):
-                if g is not None:
-                    out[i, j] = g.to(job.accum_dtype).pow(2).sum()
+        with measure_only(job):  # a measured parameter with requires_grad=False is still measured
+            for i in range(x.shape[0]):
+                loss = job.losses(x[i : i + 1])[0]
+                if not loss.requires_grad:
+                    continue  # the loss does not depend on any parameter: every norm is 0
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for j, g in enumerate(grads):
+                    if g is not None:
+                        out[i, j] = g.to(job.accum_dtype).pow(2).sum()
         return out

@@ -1,0 +1,72 @@
+"""What the engine accepts as a pool: loaders whose order is the pool order, every sample once.
+
+A pool position is a sample's place in the loader's order, so a loader that draws a random order
+(the positions would not map back to dataset indices), drops samples or repeats them would give
+results that look right and are not. ``check_pool_loader`` refuses those it can recognise:
+torch's random samplers (alone or inside a batch sampler), ``drop_last``, and
+``DistributedSampler`` (which shuffles by default and pads its shards with repeated samples; the
+engine shards the pool itself under torchrun). A sampler given as a fixed list of indices is
+fine: the positions then count along that list.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, RandomSampler, SubsetRandomSampler,
+                              WeightedRandomSampler)
+
+RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+
+def check_pool_loader(loader: Iterable) -> None:
+    """Raise ValueError for a loader whose order is not a fixed pool order of every sample once."""
+    if getattr(loader, "drop_last", False):
+        raise ValueError("the loader drops its last incomplete batch (drop_last=True), so those samples "
+                         "would never be scored; build the DataLoader with drop_last=False")
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if getattr(batch_sampler, "drop_last", False):
+        raise ValueError("the loader's batch sampler drops its last incomplete batch (drop_last=True), so "
+                         "those samples would never be scored; build it with drop_last=False")
+    for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        if isinstance(sampler, DistributedSampler):
+            raise ValueError(
+                "the loader has a DistributedSampler, which shuffles by default and repeats samples to "
+                "even out the shards; the engine shards the pool itself under torch.distributed: give "
+                "every rank the same plain DataLoader (shuffle=False)")
+        if isinstance(sampler, RandomSampler):
+            raise ValueError("the loader shuffles (shuffle=True), so pool positions in loader order would not "
+                             "map back to dataset indices; build the DataLoader with shuffle=False")
+        if isinstance(sampler, RANDOM_SAMPLERS):
+            raise ValueError(
+                f"the loader's sampler ({type(sampler).__name__}) draws a random order, so pool positions "
+                "would not map back to dataset indices; to score a subset, pass its indices in a fixed "
+                "order: DataLoader(dataset, sampler=indices) or DataLoader(Subset(dataset, indices))")
+
+
+def items_are_batches(loader: Iterable) -> bool:
+    """A DataLoader without automatic batching (batch_size=None): every dataset item is a batch."""
+    return isinstance(loader, DataLoader) and loader.batch_size is None and loader.batch_sampler is None
+
+
+def pool_length(loader: Iterable) -> int | None:
+    """How many samples the loader yields, where that is known without reading it (progress bars)."""
+    if items_are_batches(loader):
+        return None   # each item holds a number of samples not known in advance
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
+        sampler = loader.sampler if loader.batch_size is not None else getattr(loader.batch_sampler, "sampler", None)
+        try:
+            return len(sampler)
+        except TypeError:
+            pass
+    try:
+        return len(loader.dataset)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
+
+
+def batch_size_hint(loader: Iterable) -> str | None:
+    """A note for errors on a loader whose items are taken as batches: often a forgotten batch_size."""
+    if not items_are_batches(loader):
+        return None
+    return ("the loader has batch_size=None, so every dataset item is taken as a batch (its dim 0 as the "
+            "samples); if the items are single samples, build the DataLoader with a batch_size")
