@@ -443,3 +443,21 @@ def test_copies_that_fail_on_a_later_chunk_go_back_to_the_fallback():
         second = engine.sqnorms(x[3:])           # 4 samples: the copies raise, the chunk is redone
         assert not engine.copied and "offset" in engine.last_fallback
     torch.testing.assert_close(torch.cat([first, second]), _loop_sqnorms(model, x), rtol=1e-9, atol=1e-12)
+
+
+def test_nothing_of_a_chunk_outlives_the_call():
+    """The tensor hooks on layer outputs must not keep a chunk's autograd graph (and so its inputs
+    and activations) alive after the call: memory would grow with the pool."""
+    import gc
+
+    def live_tensor_bytes() -> int:
+        gc.collect()
+        return sum(t.numel() * t.element_size() for t in gc.get_objects() if isinstance(t, torch.Tensor))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    pool = torch.randn(64, 3, 8, 8)
+    score_pool(model, [pool[:8]], backend="hooks", chunk_size=8, progress=False)  # warm-up: checks, caches
+    before = live_tensor_bytes()
+    score_pool(model, [pool], backend="hooks", chunk_size=8, progress=False)
+    assert live_tensor_bytes() - before < pool.numel() * pool.element_size() // 8   # < one chunk's input

@@ -146,7 +146,17 @@ def test_bench_command_writes_json_plot_and_markdown(tmp_path, capsys):
     assert "samples/s" in printed and "vmap" in printed
 
 
+def test_scaling_alone_takes_the_width_and_records_it(tmp_path):
+    out = tmp_path / "scaling.json"
+    assert cli.main(["bench", "--device", "cpu", "--no-methods", "--scaling", "32", "--scaling-model", "small_cnn",
+                     "--width", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "--width 2" in report["header"]["command"]
+    assert [r["width"] for r in report["scaling"]] == [2]
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--width", "0"], "--width"),
     (["--no-methods"], "nothing to measure"),
     (["--chunk-sizes", "8,x"], "comma-separated"),
     (["--methods", "vmap,warp"], "unknown rows"),

@@ -83,7 +83,8 @@ def run_scaling(config: ScalingConfig) -> list[dict]:
                 synchronize(device)
                 seconds = time.perf_counter() - t0
             rows.append({
-                "pool_size": n, "model": config.model, "device": device_label(device), "dtype": config.dtype,
+                "pool_size": n, "model": config.model, "width": config.width, "device": device_label(device),
+                "dtype": config.dtype,
                 "backend": result.backend, "seconds": seconds, "us_per_sample": 1e6 * seconds / n,
                 "samples_per_s": n / seconds, "peak_mem_mb": memory.mb,
             })

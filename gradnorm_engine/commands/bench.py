@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.width is not None and args.width < 1:
+        raise UsageError(f"--width must be at least 1, got {args.width}")
     settings = _settings(args, device_name)
     methods = _csv(args.methods, str, "--methods") if args.methods else None
     if methods is not None:
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if pool_sizes:
         _say(f"pool scaling {pool_sizes}: rank_unlabeled, {args.scaling_model}")
         result["scaling"] = scaling.run_scaling(scaling.ScalingConfig(
-            device=device_name, pool_sizes=pool_sizes, model=args.scaling_model, dtype=args.dtype,
+            device=device_name, pool_sizes=pool_sizes, model=args.scaling_model, width=args.width, dtype=args.dtype,
             backend=args.scaling_backend, loader_batch=1024 if device.type == "cuda" else 256, seed=args.seed))
         print()
         print(report.format_table(result["scaling"], report.SCALING_COLUMNS))
@@ -156,7 +158,7 @@ def _settings(args: argparse.Namespace, device_name: str) -> dict:
             if value < (0 if key == "warmup" else 1):
                 raise UsageError(f"--{key.replace('_', '-')} must be {'>= 0' if key == 'warmup' else '>= 1'}, got {value}")
             base[key] = value
-    description = MODELS[args.model].description + (f", width {args.width}" if args.width else "")
+    description = MODELS[args.model].description + (f", width {args.width}" if args.width is not None else "")
     return {"model": args.model, "model_description": description, "dtype": args.dtype,
             "device": device_name, "quick": args.quick, **base}
 
@@ -168,8 +170,8 @@ def _command_line(args: argparse.Namespace, settings: dict) -> list[str]:
         argv += ["--model", args.model, "--batch-size", str(settings["batch_size"]),
                  "--repeats", str(settings["repeats"]), "--warmup", str(settings["warmup"]),
                  "--loop-samples", str(settings["loop_samples"]), "--batches", str(settings["n_batches"])]
-        if args.width:
-            argv += ["--width", str(args.width)]
+    if args.width is not None:   # the methods' model and the scaling model both take it
+        argv += ["--width", str(args.width)]
     if args.methods:
         argv += ["--methods", args.methods]
     if args.no_methods:

@@ -55,17 +55,25 @@ def logits_fn_for(estimator: Any) -> Callable[[Any], torch.Tensor]:
       ``forward_outputs`` gives class probabilities ``P = transform(out[idx])``. With a softmax
       (``CrossEntropyLoss``) the raw output is logits; with ``torch.exp`` (``NLLLoss``) it is
       log-probabilities; otherwise logits = log P.
-    - skorch ``NeuralNet*``: with ``NLLLoss`` the module outputs probabilities and skorch trains
-      on ``log(P + eps)``; the same is used here. Any other criterion: the raw output.
+    - skorch ``NeuralNetClassifier``: with ``NLLLoss`` the module outputs probabilities and
+      skorch trains on ``log(P + eps)``; the same is used here. A plain ``NeuralNet`` hands the
+      raw output to its criterion (with ``NLLLoss``: log-probabilities), and any other
+      criterion sees the raw output too: the raw output then.
     """
     for layer in wrapper_chain(estimator):
         if hasattr(layer, "forward_outputs") and hasattr(layer, "neural_net_"):
             return _skactiveml_logits(layer)
         if hasattr(layer, "criterion_"):
-            if isinstance(layer.criterion_, nn.NLLLoss):
+            if isinstance(layer.criterion_, nn.NLLLoss) and _is_skorch_classifier(layer):
                 return _log_probabilities_plus_eps
             return default_logits
     return default_logits
+
+
+def _is_skorch_classifier(layer: Any) -> bool:
+    """A ``skorch.NeuralNetClassifier`` (or subclass): its ``get_loss`` takes log(P + eps) for NLLLoss."""
+    return any(cls.__name__ == "NeuralNetClassifier" and cls.__module__.startswith("skorch")
+               for cls in type(layer).__mro__)
 
 
 def _skactiveml_logits(clf: Any) -> Callable[[Any], torch.Tensor]:

@@ -23,9 +23,17 @@ building the loop by hand is the same:
 
 The ranking is highest score first, ties by lower pool position, so one step labels exactly
 ``rank_unlabeled(model, DataLoader(al_dataset.pool), query_size).indices`` (pool positions).
+
+baal's Bayesian layers (``patch_module``'s MC-Dropout, consistent dropout, weight drop) keep
+dropping in eval mode. The scores are those of the deterministic model, as for any model the
+engine scores in eval mode: ``get_scores`` sets those layers' drop rates to 0 while it scores
+and restores them afterwards (a random mask per forward would make every score, and the
+ranking, a random draw).
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -91,7 +99,9 @@ class GradNorm(_heuristics.AbstractHeuristic):
         """
         loader = DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False,
                             num_workers=self.workers, collate_fn=self.collate_fn)
-        return score_pool(self.module, loader, **self.score_options).numpy()
+        module = self.module
+        with without_bayesian_dropout(module):
+            return score_pool(module, loader, **self.score_options).numpy()
 
     def compute_score(self, predictions, target_predictions=None) -> np.ndarray:
         """The scores from ``get_scores`` are already the acquisition values.  [N] -> [N]"""
@@ -107,6 +117,29 @@ class GradNorm(_heuristics.AbstractHeuristic):
         """Pool positions by decreasing score; ties by lower position (as ``rank_unlabeled``)."""
         scores = np.concatenate(scores) if isinstance(scores, (list, tuple)) else np.asarray(scores)
         return np.argsort(-scores, kind="stable")
+
+
+# The drop rates of baal's Bayesian layers: dropout's ``p``, weight drop's ``_weight_dropout``.
+BAYESIAN_RATES = ("p", "_weight_dropout")
+
+
+@contextlib.contextmanager
+def without_bayesian_dropout(module: nn.Module) -> Iterator[None]:
+    """Set the drop rates of baal's Bayesian layers inside ``module`` to 0; restore them after."""
+    saved = []
+    for m in module.modules():
+        if type(m).__module__.startswith("baal.bayesian"):
+            for rate in BAYESIAN_RATES:
+                value = getattr(m, rate, None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    saved.append((m, rate, value))
+    try:
+        for m, rate, _ in saved:
+            setattr(m, rate, 0.0)
+        yield
+    finally:
+        for m, rate, value in saved:
+            setattr(m, rate, value)
 
 
 def gradnorm_loop(

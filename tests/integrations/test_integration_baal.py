@@ -67,3 +67,24 @@ def test_predictions_instead_of_scores_are_refused(digits, cnn_class):
                               query_size=5, iterations=1, verbose=False)
     with pytest.raises(ValueError, match="get_scores"):
         loop.step()
+
+
+def test_mc_dropout_patched_models_are_scored_without_their_dropout(digits):
+    """baal's patch_module keeps dropout on in eval mode; the scores must still be those of the
+    deterministic model (equal on every call), and the layers get their rates back."""
+    from baal.bayesian.dropout import patch_module
+
+    X, y = digits
+    al_dataset = ActiveLearningDataset(TensorDataset(torch.from_numpy(X), torch.from_numpy(y)), random_state=0)
+    al_dataset.label_randomly(20)
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    patched = patch_module(plain, inplace=False)
+    assert patched(torch.from_numpy(X[:4])).ne(patched(torch.from_numpy(X[:4]))).any()  # stochastic
+    heuristic = GradNorm(patched)
+    first, second = heuristic.get_scores(al_dataset.pool), heuristic.get_scores(al_dataset.pool)
+    np.testing.assert_array_equal(first, second)
+    want = rank_unlabeled(plain, DataLoader(al_dataset.pool, batch_size=64), QUERY, progress=False)
+    ranks, _ = heuristic.get_ranks(first)
+    np.testing.assert_array_equal(ranks[:QUERY], want.indices.numpy())
+    assert [m.p for m in patched.modules() if type(m).__module__.startswith("baal")] == [0.5]

@@ -66,6 +66,17 @@ def test_nllloss_net_is_scored_on_log_probabilities(digits, mlp_class):
     np.testing.assert_allclose(np.sort(scores)[::-1][:6], expected.scores.numpy(), rtol=1e-6)
 
 
+def test_plain_neuralnet_with_nllloss_is_scored_on_its_raw_log_probabilities(digits, mlp_class):
+    """A plain skorch.NeuralNet hands the module's output to NLLLoss as it is: log-probabilities."""
+    X, y = digits
+    net = skorch.NeuralNet(nn.Sequential(mlp_class(), nn.LogSoftmax(dim=-1)), criterion=nn.NLLLoss, max_epochs=2,
+                           lr=0.2, train_split=None, verbose=0).fit(X[:30], y[:30])
+    expected = _expected(net.module_, X[30:], 6)
+    picked = modal.gradnorm_sampling(net, X[30:], n_instances=6)
+    picked = picked[0] if isinstance(picked, tuple) else picked
+    np.testing.assert_array_equal(picked, expected.indices.numpy())
+
+
 def test_returns_what_the_installed_modal_expects(digits, mlp_class, monkeypatch):
     X, y = digits
     net = _net(mlp_class, criterion=nn.CrossEntropyLoss).fit(X[:30], y[:30])
