@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import zlib
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backends import BACKENDS
 from .datasets import ALDataset, load_dataset
 from .distributed import broadcast_module, is_main_process, on_main_process
 from .errors import UsageError
@@ -50,11 +52,15 @@ from .trainer import TrainConfig, evaluate, place_split, resolve_device, train
 RESULTS = "results.jsonl"
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_NAME = re.compile(r"trial(\d+)\.pt")
 
 # Settings a resumed run must share with the run it continues; cycles, trials and the
 # strategy list may grow.
 RESUME_KEYS = ("dataset", "seed", "initial", "budget", "subset", "epochs", "lr", "milestones", "batch_size",
-               "detach_epoch", "width", "from_scratch", "norm")
+               "detach_epoch", "width", "from_scratch", "norm", "pool")
+# Data options a resumed run must share too (paths to the data may move; what is read from them
+# may not: the pool fact above catches a different folder with the same options).
+RESUME_DATA_KEYS = ("train_root", "test_root", "image_size")
 
 Hook = Callable[[str, dict], None]
 ModelFactory = Callable[[ALDataset, Preset], nn.Module]
@@ -139,6 +145,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, _new_file_mode())   # mkstemp makes 0600; run files are as readable as any other
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -148,6 +155,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -177,8 +191,17 @@ def read_results(out: str) -> list[dict]:
     path = out if out.endswith(".jsonl") else os.path.join(out, RESULTS)
     if not os.path.isfile(path):
         raise UsageError(f"{path} does not exist; run `gradnorm-engine al --out DIR` first")
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UsageError(f"{path} line {number} is not a JSON record ({err.msg}); the file was "
+                                     "cut or edited: `gradnorm-engine al --resume` rewrites it from the "
+                                     "checkpoints") from err
+    return records
 
 
 def checkpoint_path(out: str, strategy: str, trial: int) -> str:
@@ -234,6 +257,8 @@ def validate_names(config: ALConfig) -> None:
         raise UsageError("a strategy is listed twice in --strategies")
     if config.norm not in ("tensor_sum", "frobenius"):
         raise UsageError(f"unknown norm {config.norm!r}; choose tensor_sum or frobenius")
+    if config.backend not in ("auto", *BACKENDS):
+        raise UsageError(f"unknown backend {config.backend!r}; choose from auto, {', '.join(BACKENDS)}")
 
 
 def validate(config: ALConfig, pool_size: int) -> None:
@@ -243,6 +268,10 @@ def validate(config: ALConfig, pool_size: int) -> None:
     for key in ("initial", "budget", "subset", "cycles", "trials", "epochs"):
         if getattr(p, key) < 1:
             raise UsageError(f"--{key} must be at least 1, got {getattr(p, key)}")
+    if p.width < 1:
+        raise UsageError(f"--width must be at least 1, got {p.width}")
+    if not (p.lr > 0 and math.isfinite(p.lr)):
+        raise UsageError(f"--lr must be a positive number, got {p.lr}")
     if p.initial < 2:
         raise UsageError(f"--initial must be at least 2 (training needs two samples), got {p.initial}")
     if p.batch_size < 2:
@@ -262,26 +291,64 @@ def validate(config: ALConfig, pool_size: int) -> None:
             "lower --subset, --budget, --cycles or --initial")
 
 
-def _prepare_out(config: ALConfig) -> None:
+def _prepare_out(config: ALConfig, data: ALDataset) -> None:
     """Create ``config.out`` and write its config.json, or check it against the run there."""
-    os.makedirs(config.out, exist_ok=True)
+    make_out_folder(config.out)
     settings = config.settings()
+    settings["pool"] = {"train": len(data.train), "test": len(data.test), "classes": list(data.classes)}
     path = os.path.join(config.out, CONFIG)
     exists = os.path.exists(path) or os.path.exists(os.path.join(config.out, RESULTS))
     if exists and not config.resume:
         raise UsageError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
+    if config.resume:
+        _check_checkpoints_cover_results(config.out)
     if config.resume and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        different = [k for k in RESUME_KEYS if saved.get(k) != settings.get(k)]
+        # Keys a run of an older version did not save are not compared.
+        different = [(k, saved[k], settings.get(k)) for k in RESUME_KEYS if k in saved and saved[k] != settings.get(k)]
+        saved_data, data_now = saved.get("data", {}), settings["data"]
+        different += [(f"data {k}", saved_data.get(k), data_now.get(k)) for k in RESUME_DATA_KEYS
+                      if saved_data.get(k) != data_now.get(k)]
         if different:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in different)
+            shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in different)
             raise UsageError(f"--resume with settings that differ from the run in {config.out} ({shown}); "
-                             "use the same settings or another --out")
+                             "use the same settings and data, or another --out")
         settings["strategies"] = list(dict.fromkeys(saved.get("strategies", []) + settings["strategies"]))
         settings["trials"] = max(saved.get("trials", 0), settings["trials"])
         settings["cycles"] = max(saved.get("cycles", 0), settings["cycles"])
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+
+
+def make_out_folder(out: str) -> None:
+    """Create the run folder ``out``, or raise UsageError saying why it cannot be one."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a folder; choose a folder for the run")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the --out folder {out} ({err.strerror or err}); choose a folder "
+                         "you can write to") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write into the --out folder {out}; choose a folder you can write to")
+
+
+def _check_checkpoints_cover_results(out: str) -> None:
+    """A resume continues from the checkpoints: results.jsonl records without one cannot go on
+    (and rebuilding results.jsonl from the checkpoints would drop them)."""
+    if not os.path.isfile(os.path.join(out, RESULTS)):
+        return
+    try:
+        runs = {(r.get("strategy"), r.get("trial")) for r in read_results(out)}
+    except UsageError:
+        return   # a cut results.jsonl: the resume rebuilds it from the checkpoints
+    missing = sorted((s, t) for s, t in runs if not os.path.isfile(checkpoint_path(out, str(s), int(t))))
+    if missing:
+        shown = ", ".join(f"{s} trial {t}" for s, t in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UsageError(
+            f"--resume: {out}/results.jsonl holds records of {shown}, but their checkpoints "
+            f"({out}/{CHECKPOINTS}/<strategy>/trial<t>.pt) are missing, and a run continues from its "
+            "checkpoint; restore the checkpoints folder, or start a new run in another --out")
 
 
 def _load_checkpoint(path: str) -> dict | None:
@@ -289,16 +356,21 @@ def _load_checkpoint(path: str) -> dict | None:
 
 
 def _load_all_records(out: str) -> dict[tuple[str, int], list[dict]]:
-    """Records of every run that has a checkpoint (the checkpoints are the source of truth)."""
+    """Records of every run that has a checkpoint (the checkpoints are the source of truth).
+    Anything else in checkpoints/ (a .DS_Store, a backup copy) is left alone."""
     found: dict[tuple[str, int], list[dict]] = {}
     root = os.path.join(out, CHECKPOINTS)
     if not os.path.isdir(root):
         return found
     for strategy in sorted(os.listdir(root)):
-        for name in sorted(os.listdir(os.path.join(root, strategy))):
-            if name.startswith("trial") and name.endswith(".pt"):
-                state = torch.load(os.path.join(root, strategy, name), map_location="cpu", weights_only=False)
-                found[(strategy, int(name[5:-3]))] = state["records"]
+        folder = os.path.join(root, strategy)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            match = CHECKPOINT_NAME.fullmatch(name)
+            if match:
+                state = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=False)
+                found[(strategy, int(match.group(1)))] = state["records"]
     return found
 
 
@@ -336,7 +408,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
     validate(config, pool_size)
     device = resolve_device(config.device)
     strategies = {name: make_strategy(name, norm=config.norm, backend=config.backend) for name in config.strategies}
-    on_main_process(lambda: _prepare_out(config))
+    on_main_process(lambda: _prepare_out(config, data))
     train_split = place_split(data.train, device)
     test_split = place_split(data.test, device)
     all_records = on_main_process(lambda: _load_all_records(config.out)) if config.resume else {}

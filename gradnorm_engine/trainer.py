@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .datasets import ImageTensors
+from .errors import TrainingDivergedError
 from .lossnet import LossNet, ranking_loss, stage_taps
 
 # A split may move to the GPU when it takes at most this share of the free GPU memory.
@@ -163,12 +164,17 @@ def train(model: nn.Module, data: ImageTensors, indices: torch.Tensor, config: T
                 rank = ranking_loss(predicted.float(), ce.detach(), config.margin)
                 loss = loss + config.loss_weight * rank
                 rank_sum += float(rank.detach()) * len(batch)
+            value = float(loss.detach())
+            if not math.isfinite(value):   # stop before the step: the weights stay finite
+                raise TrainingDivergedError(
+                    f"training diverged: the loss is {value} in epoch {epoch + 1} of {config.epochs} (learning "
+                    f"rate {config.lr:g}); lower the learning rate (--lr), or check the data for NaN/Inf")
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             loss.backward()
             for o in optimizers:
                 o.step()
-            total_sum += float(loss.detach()) * len(batch)
+            total_sum += value * len(batch)
             ce_sum += float(ce.detach().mean()) * len(batch)
             count += len(batch)
         for s in schedulers:

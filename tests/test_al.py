@@ -124,11 +124,73 @@ def test_existing_run_needs_resume_and_matching_settings(tmp_path, digits):
         run_active_learning(_config(tmp_path, ["random"], other, resume=True), data=digits, log=None)
 
 
+def test_resume_without_the_checkpoints_is_refused_and_keeps_the_results(tmp_path, digits):
+    import shutil
+
+    run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
+    before = (tmp_path / "results.jsonl").read_text()
+    shutil.rmtree(tmp_path / "checkpoints")
+    longer = Preset(**{**TINY.__dict__, "cycles": 3})
+    with pytest.raises(UsageError, match="random trial 1.*checkpoints.*missing"):
+        run_active_learning(_config(tmp_path, ["random"], longer, resume=True), data=digits, log=None)
+    assert (tmp_path / "results.jsonl").read_text() == before
+
+
+def test_resume_on_other_data_is_refused(tmp_path, digits):
+    from gradnorm_engine.datasets import ALDataset
+
+    run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
+    import dataclasses
+
+    train = dataclasses.replace(digits.train, images=digits.train.images[:-5], labels=digits.train.labels[:-5])
+    fewer = ALDataset(digits.name, train, digits.test, digits.classes)
+    with pytest.raises(UsageError, match="pool"):
+        run_active_learning(_config(tmp_path, ["random"], resume=True), data=fewer, log=None)
+    config = _config(tmp_path, ["random"], resume=True)
+    config.data_options = {"image_size": 8}
+    with pytest.raises(UsageError, match="data image_size: None -> 8"):
+        run_active_learning(config, data=digits, log=None)
+
+
+def test_stray_files_in_checkpoints_do_not_stop_a_resume(tmp_path, digits):
+    run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
+    (tmp_path / "checkpoints" / ".DS_Store").write_bytes(b"")
+    (tmp_path / "checkpoints" / "random" / "trial1-backup.pt").write_bytes(b"junk")
+    longer = Preset(**{**TINY.__dict__, "cycles": 3})
+    records = run_active_learning(_config(tmp_path, ["random"], longer, resume=True), data=digits, log=None)
+    assert [r["labeled"] for r in records] == [20, 30, 40]
+
+
+def test_run_files_are_readable_like_any_new_file(tmp_path, digits):
+    run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (tmp_path / "results.jsonl", tmp_path / "config.json", tmp_path / "checkpoints/random/trial1.pt"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, digits):
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(UsageError, match="--out"):
+            run_active_learning(_config(out, ["random"]), data=digits, log=None)
+
+
+def test_a_diverging_run_stops_with_one_line_naming_the_learning_rate(tmp_path, digits):
+    from gradnorm_engine.errors import TrainingDivergedError
+
+    hot = Preset(**{**TINY.__dict__, "lr": 1e12})
+    with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
+        run_active_learning(_config(tmp_path, ["coreset"], hot), data=digits, log=None)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"budget": 50}, "larger than --subset"),
     ({"subset": 2000}, "larger than the unlabeled pool"),
     ({"initial": 1}, "at least 2"),
     ({"cycles": 0}, "at least 1"),
+    ({"width": 0}, "--width must be at least 1"),
+    ({"lr": -1.0}, "--lr must be a positive"),
 ])
 def test_bad_protocols_are_usage_errors(tmp_path, digits, change, message):
     preset = Preset(**{**TINY.__dict__, **change})
@@ -213,3 +275,13 @@ def test_paper_and_quick_presets():
     assert get_preset("digits", "quick", budget=7).budget == 7
     with pytest.raises(UsageError, match="unknown preset"):
         get_preset("digits", "fast")
+
+
+def test_a_cut_results_file_is_named_and_a_resume_rebuilds_it(tmp_path, digits):
+    records = run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
+    path = tmp_path / "results.jsonl"
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(UsageError, match="line 2 is not a JSON record"):
+        read_results(str(tmp_path))
+    assert run_active_learning(_config(tmp_path, ["random"], resume=True), data=digits, log=None) == records
+    assert read_results(str(tmp_path)) == json.loads(json.dumps(records))

@@ -38,6 +38,8 @@ def test_al_then_report(tmp_path, capsys):
     (["--dataset", "caltech101", "--data", "/nonexistent/caltech"], "does not exist"),
     (["--dataset", "cdd"], "--data"),
     (["--preset", "huge"], "unknown preset"),
+    (["--backend", "nope"], "unknown backend 'nope'"),
+    (["--width", "0"], "--width must be at least 1"),
     (["--milestones", "a,b"], "comma-separated integers"),
     (["--device", "tpu9"], "unknown device"),
 ])
@@ -95,3 +97,13 @@ def test_al_under_torchrun_runs_on_two_ranks_and_rank0_writes_and_prints(tmp_pat
     assert done.stdout.count("strategy (trials)") == 1, done.stdout
     records = [json.loads(line) for line in open(out / "results.jsonl")]
     assert [(r["strategy"], r["labeled"]) for r in records] == [("ent-gradnorm", 20), ("ent-gradnorm", 30)]
+
+
+def test_demo_refuses_bad_settings_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--cycles", "0", "--out", str(out)]) == 2
+    assert "--cycles must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
+    (tmp_path / "afile").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -117,3 +117,17 @@ def test_coreset_uses_penultimate_embeddings(context):
     centers = context.embeddings(context.labeled)
     expected = context.subset[k_center_greedy(points, centers, BUDGET)]
     assert torch.equal(make_strategy("coreset").select(context, BUDGET), expected)
+
+
+def test_a_diverged_model_gets_a_named_error_from_every_score_based_strategy(context):
+    """NaN weights: coreset's distances and the entropy / loss scores are undefined; each says so
+    instead of picking a sample twice or dropping it."""
+    import copy
+
+    broken = copy.deepcopy(context.model)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    nan_context = QueryContext(**{**context.__dict__, "model": broken})
+    for name in ("coreset", "entropy", "ent-gradnorm"):
+        with pytest.raises(ValueError, match="NaN"):
+            make_strategy(name).select(nan_context, BUDGET)

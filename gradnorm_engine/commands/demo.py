@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 from torch.utils.data import DataLoader
 
-from ..al import CHECKPOINTS, CONFIG, RESULTS, ALConfig, run_active_learning
+from ..al import CHECKPOINTS, CONFIG, RESULTS, ALConfig, make_out_folder, run_active_learning, validate
 from ..api import rank_unlabeled, score_pool
 from ..backends import BACKENDS
 from ..datasets import load_digits
@@ -133,19 +133,20 @@ def _run(args: argparse.Namespace, started: float) -> int:
     from ..trainer import resolve_device
     device = resolve_device(args.device)
     data = load_digits()
+    preset = replace(DEMO, trials=args.trials, cycles=args.cycles, epochs=args.epochs)
+    config = ALConfig(dataset="digits", strategies=list(DEMO_STRATEGIES), preset=preset, out=args.out,
+                      device=args.device, progress=args.progress)
+    validate(config, len(data.train))   # mistakes first, before minutes of work
+    make_out_folder(args.out)
     if not args.skip_engine_check:
         engine_check(data, device, args.progress)
 
-    preset = replace(DEMO, trials=args.trials, cycles=args.cycles, epochs=args.epochs)
-    os.makedirs(args.out, exist_ok=True)
     _clear_previous_demo(args.out)
     with open(os.path.join(args.out, MARKER), "w") as f:
         f.write("written by `gradnorm-engine demo`; a rerun replaces this folder's results\n")
     print(f"== active learning on digits ({len(data.train):,} pool / {len(data.test)} test, 16x16): "
           f"CIFAR ResNet-18 width {preset.width}, {preset.initial} initial + {preset.budget} per cycle from a "
           f"{preset.subset}-sample subset, {preset.cycles} cycles, {preset.epochs} epochs, {preset.trials} trials")
-    config = ALConfig(dataset="digits", strategies=list(DEMO_STRATEGIES), preset=preset, out=args.out,
-                      device=args.device, progress=args.progress)
     records = run_active_learning(config, data=data)
     paths = write_report(args.out)
     print("\ntest accuracy (%) by labeled-set size, mean +- std over trials:")

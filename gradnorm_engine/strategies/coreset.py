@@ -48,4 +48,8 @@ class Coreset(Strategy):
     def select(self, context: QueryContext, budget: int) -> torch.Tensor:
         points = context.embeddings(context.subset)
         centers = context.embeddings(context.labeled)
+        if not (bool(torch.isfinite(points).all()) and bool(torch.isfinite(centers).all())):
+            # NaN distances would defeat the greedy's own bookkeeping and pick a sample twice
+            raise ValueError("coreset: the model's embeddings hold NaN or Inf, so distances between samples "
+                             "are undefined; the model has probably diverged (lower the learning rate)")
         return context.subset[k_center_greedy(points, centers, budget)]
