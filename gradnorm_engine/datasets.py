@@ -204,24 +204,40 @@ def _decode_folder(dataset, image_size: int, where: str) -> tuple[torch.Tensor, 
     return images, torch.as_tensor(dataset.targets, dtype=torch.int64)
 
 
+def _held_out_fifth(labels: np.ndarray, classes: list[str], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed stratified 80/20 split of a folder without a test folder; too few images -> UsageError."""
+    fix = "add images, or give a separate test folder with --test-root / --test-data (test_root= / test_path=)"
+    counts = np.bincount(labels, minlength=len(classes))
+    few = [f"{c} ({int(k)})" for c, k in zip(classes, counts) if k < 2]
+    if few:
+        raise UsageError(f"{where}: class(es) {', '.join(few[:5])}{' ...' if len(few) > 5 else ''} have fewer "
+                         f"than 2 images, too few to hold out a stratified test fifth; {fix}")
+    try:
+        return _stratified_split(labels, 0.2)
+    except ValueError as err:  # e.g. a fifth of the images is fewer than the classes
+        reason = " ".join(str(err).split())
+        raise UsageError(f"{where}: {len(labels)} images in {len(classes)} classes are too few to hold out "
+                         f"a stratified test fifth ({reason}); {fix}") from None
+
+
 def _folder(name: str, path: str | None, *, train_root: str | None, test_path: str | None,
             test_root: str | None, image_size: int) -> ALDataset:
     from .image_folders import open_image_folder
     if path is None:
         raise UsageError(f"dataset {name} is read from an image folder: pass --data PATH "
                          "(a folder in <class>/<image> layout, or a zip of one)")
-    train_ds = open_image_folder(path, root=train_root)
+    train_ds = open_image_folder(path, root=train_root, root_option="train_root= / --train-root")
     where = f"{path}{':' + train_root if train_root else ''}"
     images, labels = _decode_folder(train_ds, image_size, where)
     classes = list(train_ds.classes)
     if test_path is not None or test_root is not None:
-        test_ds = open_image_folder(test_path or path, root=test_root)
+        test_ds = open_image_folder(test_path or path, root=test_root, root_option="test_root= / --test-root")
         if list(test_ds.classes) != classes:
             raise UsageError(f"the test folder's classes ({len(test_ds.classes)}) differ from the train "
                              f"folder's ({len(classes)}); both need the same class folders")
         test_images, test_labels = _decode_folder(test_ds, image_size, f"{test_path or path}:{test_root or ''}")
     else:
-        tr, te = _stratified_split(labels.numpy(), 0.2)
+        tr, te = _held_out_fifth(labels.numpy(), classes, where)
         tr_t, te_t = torch.from_numpy(tr), torch.from_numpy(te)
         images, labels, test_images, test_labels = images[tr_t], labels[tr_t], images[te_t], labels[te_t]
     mean, std = _stats(images)

@@ -115,3 +115,25 @@ def test_image_tensors_to_keeps_settings():
                      pad=2, flip=False)
     moved = t.to("cpu")
     assert (moved.pad, moved.flip, len(moved)) == (2, False, 2)
+
+
+def test_folder_too_small_for_the_held_out_fifth_is_a_usage_error(tmp_path):
+    _write_folder(tmp_path / "few", classes=("cat", "dog"), per_class=6)
+    _write_folder(tmp_path / "few", classes=("bird",), per_class=1)
+    with pytest.raises(UsageError, match=r"bird \(1\) have fewer than 2 images.*--test-root"):
+        load_dataset("folder", path=str(tmp_path / "few"))
+    _write_folder(tmp_path / "tiny", classes=("a", "b", "c"), per_class=2)  # 6 images: a fifth is 2 < 3 classes
+    with pytest.raises(UsageError, match="too few to hold out a stratified test fifth.*--test-root"):
+        load_dataset("folder", path=str(tmp_path / "tiny"))
+    # with a separate test folder a single image per class is fine
+    _write_folder(tmp_path / "test", classes=("bird", "cat", "dog"), per_class=1)
+    data = load_dataset("folder", path=str(tmp_path / "few"), test_path=str(tmp_path / "test"), image_size=8)
+    assert (len(data.train), len(data.test), data.classes) == (13, 3, ["bird", "cat", "dog"])
+
+
+def test_folder_with_two_splits_and_no_root_names_train_root(tmp_path):
+    _write_folder(tmp_path / "pool" / "train")
+    _write_folder(tmp_path / "pool" / "test", per_class=2)
+    with pytest.raises(UsageError, match="--train-root") as err:
+        load_dataset("folder", path=str(tmp_path / "pool"))
+    assert "--root " not in str(err.value)

@@ -57,3 +57,56 @@ def test_missing_and_wrong_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="not an image folder"):
         open_image_folder(str(tmp_path / "empty"))
+
+
+def test_macos_resource_forks_and_hidden_entries_are_skipped_in_zips_and_folders(tmp_path):
+    folder = make_folder(tmp_path / "pool")
+    zpath = tmp_path / "mac.zip"
+    with zipfile.ZipFile(zpath, "w") as z:  # what macOS Finder's "Compress" writes
+        for p in sorted(folder.rglob("*.png")):
+            rel = p.relative_to(folder).as_posix()
+            z.write(p, rel)
+            z.writestr(f"__MACOSX/{p.parent.name}/._{p.name}", b"\x00\x05\x16\x07 fork")
+        z.writestr("cat/.DS_Store", b"junk")
+    # the same junk on disk
+    (folder / "__MACOSX" / "cat").mkdir(parents=True)
+    (folder / "__MACOSX" / "cat" / "._0.png").write_bytes(b"fork")
+    (folder / "dog" / "._0.png").write_bytes(b"fork")
+    (folder / ".thumbnails" / "x").mkdir(parents=True)
+    (folder / ".thumbnails" / "x" / "0.png").write_bytes((folder / "cat" / "0.png").read_bytes())
+    for ds in (open_image_folder(str(zpath)), open_image_folder(str(folder))):
+        assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 0, 1, 1, 1]
+        assert ds.root == "" and all(ds[i][0].size == (8, 8) for i in range(len(ds)))
+    for root in (".", "", "./"):  # the top level, named explicitly
+        assert open_image_folder(str(zpath), root=root).classes == ["cat", "dog"]
+        assert open_image_folder(str(folder), root=root).classes == ["cat", "dog"]
+
+
+def test_several_roots_message_names_the_callers_option(tmp_path):
+    folder = make_folder(tmp_path / "pool")
+    zpath = tmp_path / "two.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        for split in ("train", "test"):
+            for p in sorted(folder.rglob("*.png")):
+                z.write(p, f"{split}/{p.relative_to(folder)}")
+    with pytest.raises(UsageError, match=r"\(test, train\).*--root") as err:
+        open_image_folder(str(zpath))
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match="--train-root") as err:
+        open_image_folder(str(zpath), root_option="--train-root")
+    assert "--root" not in str(err.value)
+
+
+def test_empty_class_folder_is_refused_in_a_zip_as_in_a_directory(tmp_path):
+    folder = make_folder(tmp_path / "pool")
+    (folder / "empty").mkdir()
+    zpath = tmp_path / "pool.zip"
+    with zipfile.ZipFile(zpath, "w") as z:
+        z.writestr("empty/", b"")  # an empty folder exists in a zip only as an explicit entry
+        for p in sorted(folder.rglob("*.png")):
+            z.write(p, p.relative_to(folder).as_posix())
+    for path in (folder, zpath):
+        with pytest.raises(UsageError, match=r"class folder\(s\) empty .*hold no images; add images"):
+            open_image_folder(str(path))
+    # a zip without folder entries (the usual kind) still reads
+    assert open_image_folder(str(zip_folder(folder, tmp_path / "plain.zip"))).classes == ["cat", "dog"]
