@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .backends import Backend, resolve_backend
 from .distributed import rank_unlabeled_sharded, score_pool_sharded, use_sharding
+from .errors import SampleShapeError
 from .inputs import extract_input
 from .job import ScoringJob, eval_mode, make_job, on_device
 from .loaders import batch_size_hint, check_pool_loader, pool_length
@@ -157,7 +158,7 @@ class _ChunkStream:
         if self.sample_shape is None:
             self.sample_shape = tuple(x.shape[1:])
         elif tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(
+            raise SampleShapeError(
                 f"samples at pool positions {position}..{position + len(x) - 1} have shape "
                 f"{tuple(x.shape[1:])}, earlier ones {self.sample_shape}; every sample must have the "
                 "same shape (resize or pad them in the dataset's transform)")

@@ -7,3 +7,7 @@ class UsageError(ValueError):
 
 class TrainingDivergedError(UsageError):
     """Training produced a non-finite loss (usually a learning rate too large for the data)."""
+
+
+class SampleShapeError(ValueError):
+    """Samples of one pool have different shapes, so they cannot be scored in one batch."""

@@ -49,3 +49,126 @@ def test_rank_errors_exit_2(tmp_path, capsys):
     assert main(["rank", "test_cli_rank:tiny_model", "--checkpoint", str(tmp_path / "wrong.pt"),
                  "--data", str(folder), "--k", "2"]) == 2
     assert "does not fit the model" in capsys.readouterr().err
+
+
+# --- user-fixable failures exit 2 with one line, before the pool is scored ---
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+FACTORY_CALLS = []
+
+
+def needs_depth(depth):
+    return tiny_model()
+
+
+def takes_nothing():
+    return tiny_model(num_classes=2)
+
+
+def broken_inside(num_classes=2):
+    FACTORY_CALLS.append(num_classes)
+    raise TypeError("bug inside the factory")
+
+
+def returns_none(num_classes=2):
+    return None
+
+
+def _rank(folder, *extra):
+    return main(["rank", "test_cli_rank:tiny_model", "--data", str(folder), "--k", "2", "--normalize", "none",
+                 "--no-progress", *extra])
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gradnorm-engine rank: error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture
+def no_scoring(monkeypatch):
+    """Fail the test if the pool gets scored: the checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pool was scored before the options were checked")
+    monkeypatch.setattr("gradnorm_engine.commands.rank.rank_unlabeled", refuse)
+
+
+def test_rank_images_of_different_sizes_ask_for_image_size(tmp_path, capsys):
+    folder = make_folder(tmp_path / "pool", per_class=2, size=8)
+    Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(folder / "cat" / "big.png")
+    assert _rank(folder, "--out", str(tmp_path / "a.csv")) == 2
+    err = _one_line_error(capsys)
+    assert "different sizes" in err and "--image-size" in err
+    # the odd size alone in its batch: caught where the engine joins the batches
+    assert _rank(folder, "--out", str(tmp_path / "c.csv"), "--batch-size", "1") == 2
+    err = _one_line_error(capsys)
+    assert "different sizes" in err and "--image-size" in err
+    assert _rank(folder, "--out", str(tmp_path / "b.csv"), "--image-size", "8") == 0
+
+
+@pytest.mark.parametrize("where", ["missing/picks.csv", "afile/picks.csv", "adir"])
+def test_rank_checks_the_out_folder_before_scoring(tmp_path, capsys, no_scoring, where):
+    folder = make_folder(tmp_path / "pool")
+    (tmp_path / "afile").write_text("not a folder")
+    (tmp_path / "adir").mkdir()
+    assert _rank(folder, "--out", str(tmp_path / where)) == 2
+    assert "--out" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_rank_names_an_unreadable_image(tmp_path, capsys, workers):
+    folder = make_folder(tmp_path / "pool")
+    (folder / "dog" / "broken.png").write_bytes(b"this is not a png")
+    assert _rank(folder, "--out", str(tmp_path / "p.csv"), "--workers", workers) == 2
+    err = _one_line_error(capsys)
+    assert "broken.png" in err and "not a readable image" in err
+
+
+@pytest.mark.parametrize("content", ["whole model", b"junk bytes, not a checkpoint", b""])
+def test_rank_refuses_a_checkpoint_that_is_not_a_state_dict(tmp_path, capsys, no_scoring, content):
+    folder = make_folder(tmp_path / "pool")
+    ckpt = tmp_path / "model.pt"
+    if content == "whole model":
+        torch.save(tiny_model(), ckpt)
+    else:
+        ckpt.write_bytes(content)
+    assert _rank(folder, "--checkpoint", str(ckpt), "--out", str(tmp_path / "p.csv")) == 2
+    err = _one_line_error(capsys)
+    assert "cannot read checkpoint" in err and "state_dict" in err
+
+
+def test_rank_checks_the_device_before_scoring(tmp_path, capsys, no_scoring):
+    folder = make_folder(tmp_path / "pool")
+    assert _rank(folder, "--device", "tpu", "--out", str(tmp_path / "p.csv")) == 2
+    assert "unknown device" in _one_line_error(capsys)
+    if not torch.cuda.is_available():
+        assert _rank(folder, "--device", "cuda", "--out", str(tmp_path / "p.csv")) == 2
+        assert "CUDA is not available" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--workers", "--num-classes", "--image-size"])
+def test_rank_refuses_non_positive_sizes(tmp_path, capsys, no_scoring, option):
+    folder = make_folder(tmp_path / "pool")
+    value = "-1" if option == "--workers" else "0"
+    assert _rank(folder, option, value, "--out", str(tmp_path / "p.csv")) == 2
+    assert option in _one_line_error(capsys)
+
+
+def test_rank_model_factory_calls(tmp_path, capsys):
+    folder = make_folder(tmp_path / "pool")
+    out = str(tmp_path / "p.csv")
+    args = ["--data", str(folder), "--k", "2", "--normalize", "none", "--no-progress", "--out", out]
+    assert main(["rank", "test_cli_rank:needs_depth", *args]) == 2
+    err = _one_line_error(capsys)
+    assert "test_cli_rank:needs_depth" in err and "depth" in err
+    assert main(["rank", "test_cli_rank:returns_none", *args]) == 2
+    assert "nn.Module" in _one_line_error(capsys)
+    assert main(["rank", "test_cli_rank:takes_nothing", *args]) == 0
+    # A TypeError raised inside the factory is the factory's own bug: it propagates, after one call.
+    FACTORY_CALLS.clear()
+    with pytest.raises(TypeError, match="bug inside the factory"):
+        main(["rank", "test_cli_rank:broken_inside", *args])
+    assert FACTORY_CALLS == [2]

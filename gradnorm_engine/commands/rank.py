@@ -11,17 +11,26 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import inspect
 import os
+import pickle
+import struct
+import tarfile
+import zipfile
 
 import torch
+from PIL import UnidentifiedImageError
+from torch.utils.data import Dataset
+from torch.utils.data.dataloader import default_collate
 
 from ..api import rank_unlabeled
 from ..backends import backend_names
 from ..distributed import broadcast_module, init_from_torchrun, is_main_process
-from ..errors import UsageError
+from ..errors import SampleShapeError, UsageError
 from ..image_folders import open_image_folder
 from ..reduction import NORMS
 from ..scores import SCORES
+from ..trainer import resolve_device
 
 HELP = "rank an image folder or zip by per-sample gradient norm and write the top k to a CSV"
 
@@ -62,10 +71,11 @@ def build_model(spec: str, num_classes: int) -> torch.nn.Module:
         except (ImportError, AttributeError) as err:
             raise UsageError(f"cannot load model factory {spec!r} ({err}); give module:function importable "
                              "from this Python") from None
-        try:
-            return factory(num_classes=num_classes)
-        except TypeError:
-            return factory()
+        model = call_factory(factory, spec, num_classes)
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"model factory {spec} returned {type(model).__name__}, not a torch.nn.Module; "
+                             "make it return the model")
+        return model
     import torchvision.models as tvm
     if spec not in tvm.list_models(module=tvm):
         raise UsageError(f"unknown torchvision model {spec!r}; use a name from torchvision.models.list_models() "
@@ -73,10 +83,53 @@ def build_model(spec: str, num_classes: int) -> torch.nn.Module:
     return tvm.get_model(spec, weights=None, num_classes=num_classes)
 
 
+def call_factory(factory, spec: str, num_classes: int):
+    """``factory(num_classes=...)`` when its signature takes num_classes, else ``factory()``; called once.
+
+    Arguments the signature cannot take are a UsageError; a TypeError raised inside the factory's
+    body is the factory's own and propagates unchanged.
+    """
+    if not callable(factory):
+        raise UsageError(f"model factory {spec} is a {type(factory).__name__}, not a callable; "
+                         "give module:function that returns the model")
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a callable without a readable signature (C code): call it bare
+        return factory()
+    params = signature.parameters.values()
+    takes_num_classes = any(p.kind == p.VAR_KEYWORD or (p.name == "num_classes" and p.kind != p.POSITIONAL_ONLY)
+                            for p in params)
+    kwargs = {"num_classes": num_classes} if takes_num_classes else {}
+    try:
+        signature.bind(**kwargs)
+    except TypeError as err:
+        call = f"{spec.partition(':')[2]}({'num_classes=N' if kwargs else ''})"
+        raise UsageError(f"model factory {spec} cannot be called as {call} ({err}); it takes {signature}: "
+                         "give the other parameters defaults or wrap it in a function that takes only "
+                         "num_classes") from None
+    return factory(**kwargs)
+
+
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    if not os.path.exists(path):
-        raise UsageError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist or is not a file")
+    try:
+        known_format = is_torch_save_file(path)
+    except OSError as err:
+        raise UsageError(f"cannot read checkpoint {path} ({err.strerror or err}); check the path and its "
+                         "permissions") from None
+    if not known_format:
+        raise UsageError(f"cannot read checkpoint {path} as a state_dict (not a torch.save file); save it "
+                         "with torch.save(model.state_dict(), path)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refuses Python objects, e.g. torch.save(model)
+        raise UsageError(f"cannot read checkpoint {path} as a state_dict (it holds Python objects, not only "
+                         "tensors: a whole pickled model?); save it with torch.save(model.state_dict(), path)"
+                         ) from None
+    except (RuntimeError, EOFError, struct.error, OSError) as err:  # a truncated or damaged file
+        raise UsageError(f"cannot read checkpoint {path} as a state_dict (a damaged torch.save file: "
+                         f"{type(err).__name__}); save it with torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(state.get(key), dict):
@@ -89,11 +142,95 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
         raise UsageError(f"checkpoint {path} does not fit the model: {detail}") from None
 
 
+def is_torch_save_file(path: str) -> bool:
+    """What torch.save writes: a zip archive, or (legacy formats) a pickle or a tar archive.
+
+    Checked first because the weights-only unpickler fails on arbitrary bytes with arbitrary errors.
+    """
+    with open(path, "rb") as f:
+        if f.read(1) == b"\x80":  # a pickle (protocol 2 or newer)
+            return True
+    return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+
+
+class DataError(UsageError):
+    """A UsageError raised while a batch is loaded, possibly in a DataLoader worker process.
+
+    The DataLoader re-raises a worker's exception in the main process as ``type(msg)`` with the
+    worker's whole traceback as ``msg``; this keeps the original one-line message instead.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            last = message.rstrip().splitlines()[-1]  # "<module>.DataError: <the one-line message>"
+            message = last.partition(": ")[2] or last
+        super().__init__(message)
+
+
+class ReadableImages(Dataset):
+    """The image folder, with an unreadable image reported as a DataError naming its file."""
+
+    def __init__(self, dataset, where: str):
+        self.dataset, self.where = dataset, where
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except (UnidentifiedImageError, OSError) as err:  # UnidentifiedImageError is an OSError too
+            name = self.dataset.samples[index][0]
+            # PIL names a zip member's buffer (<_io.BytesIO ...>), not the file: say it in words.
+            reason = "not a format PIL can decode" if isinstance(err, UnidentifiedImageError) else err
+            raise DataError(f"{self.where}: {name} is not a readable image ({reason}); remove it or fix "
+                            "the folder") from err
+
+
+def collate_images(batch):
+    """default_collate, after checking that the images of the batch have one size."""
+    shapes = sorted({tuple(image.shape) for image, _ in batch if isinstance(image, torch.Tensor)})
+    if len(shapes) > 1:
+        a, b = ("x".join(map(str, shape)) for shape in shapes[:2])
+        raise DataError(f"the images have different sizes ({a} and {b}); pass --image-size N to resize "
+                        "every image to N x N")
+    return default_collate(batch)
+
+
+def check_out(path: str) -> None:
+    """--out can be written: its folder exists and is writable, and it is not itself a folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path} is a folder; give a file name, e.g. {os.path.join(path, 'picks.csv')}")
+    if not os.path.exists(folder):
+        raise UsageError(f"--out {path}: folder {folder} does not exist; create it first or pick another path")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {path}: {folder} is a file, not a folder; pick another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path}: folder {folder} is not writable; pick another path")
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    if args.k <= 0:
+        raise UsageError(f"--k must be at least 1, got {args.k}")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be 0 (load in this process) or more, got {args.workers}")
+    if args.num_classes is not None and args.num_classes <= 0:
+        raise UsageError(f"--num-classes must be at least 1, got {args.num_classes}")
+    if args.image_size is not None and args.image_size <= 0:
+        raise UsageError(f"--image-size must be at least 1 pixel, got {args.image_size}")
+
+
 def run(args: argparse.Namespace) -> int:
     import torchvision.transforms as T
 
-    if args.k <= 0:
-        raise UsageError(f"--k must be at least 1, got {args.k}")
+    # Everything the user can get wrong is checked before the (long) scoring pass.
+    check_sizes(args)
+    asked_device = resolve_device(args.device) if args.device else None
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 writes the CSV
+        check_out(args.out)
     steps = [T.Resize((args.image_size, args.image_size))] if args.image_size else []
     steps.append(T.ToTensor())
     if NORMALIZATIONS[args.normalize]:
@@ -106,14 +243,20 @@ def run(args: argparse.Namespace) -> int:
         load_checkpoint(model, args.checkpoint)
     # Under torchrun every rank scores its own block of the pool; rank 0 writes the CSV.
     rank_device = init_from_torchrun()
-    device = torch.device(args.device or rank_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = asked_device or rank_device or resolve_device(None)
     model.to(device)
     if rank_device is not None:
         broadcast_module(model)  # every rank scores with rank 0's weights
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda")
-    res = rank_unlabeled(model, loader, args.k, score=args.score, norm=args.norm, backend=args.backend,
-                         device=device, progress=not args.no_progress)
+    where = f"{args.data}{':' + args.root if args.root else ''}"
+    loader = torch.utils.data.DataLoader(ReadableImages(dataset, where), batch_size=args.batch_size,
+                                         shuffle=False, num_workers=args.workers, collate_fn=collate_images,
+                                         pin_memory=device.type == "cuda")
+    try:
+        res = rank_unlabeled(model, loader, args.k, score=args.score, norm=args.norm, backend=args.backend,
+                             device=device, progress=not args.no_progress)
+    except SampleShapeError as err:   # sizes that differ between batches (collate_images: within one)
+        raise UsageError(f"the images have different sizes ({err}); pass --image-size N to resize every "
+                         "image to N x N") from None
     if not is_main_process():
         return 0
     names = [name for name, _ in dataset.samples]
