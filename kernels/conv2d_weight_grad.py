@@ -100,10 +100,14 @@ else:  # pragma: no cover
     _conv2d_weight_grad_sqnorm_kernel = None
 
 
-def _pair(v, name: str) -> tuple[int, int]:
+def _pair(v, name: str, least: int) -> tuple[int, int]:
+    """An int or a pair of ints, each at least ``least``, as a pair."""
+    if isinstance(v, str):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r} (resolve 'same' / 'valid' to "
+                         "the numbers, as nn.Conv2d does: 'valid' is 0, 'same' is dilation * (kernel - 1) / 2)")
     pair = (int(v), int(v)) if isinstance(v, int) else tuple(int(e) for e in v)
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if len(pair) != 2 or min(pair) < least:
+        raise ValueError(f"{name} must be an int or a pair of ints, each at least {least}, got {v!r}")
     return pair
 
 
@@ -116,8 +120,8 @@ def _geometry(x, grad_out, kernel_size, stride, padding, dilation, groups):
         raise TypeError(f"conv2d_weight_grad_sqnorm takes floating tensors, got {x.dtype}, {grad_out.dtype}")
     if x.device != grad_out.device:
         raise ValueError(f"x and grad_out must be on one device, got {x.device} and {grad_out.device}")
-    k, s = _pair(kernel_size, "kernel_size"), _pair(stride, "stride")
-    p, d = _pair(padding, "padding"), _pair(dilation, "dilation")
+    k, s = _pair(kernel_size, "kernel_size", 1), _pair(stride, "stride", 1)
+    p, d = _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
     C, O = x.shape[1], grad_out.shape[1]
     if groups < 1 or C % groups or O % groups:
         raise ValueError(f"groups={groups} must divide C={C} and O={O}")

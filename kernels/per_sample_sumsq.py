@@ -15,6 +15,8 @@ is copied once with ``.contiguous()`` first.
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -96,6 +98,9 @@ def _check(tensors: Sequence[torch.Tensor]) -> int:
                              f"{[tuple(t.shape) for t in tensors]}")
         if not t.is_floating_point():
             raise TypeError(f"per_sample_sumsq takes floating-point tensors, got {t.dtype}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"per_sample_sumsq: every tensor must be on one device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
     return batch
 
 
@@ -123,7 +128,7 @@ def per_sample_sumsq_reference(tensors: Sequence[torch.Tensor], per_tensor: bool
     """Plain torch: one reshape and square-sum per tensor."""
     batch = _check(tensors)
     acc = _accum_dtype(tensors)
-    cols = [t.reshape(batch, -1).to(acc).pow(2).sum(dim=1) for t in tensors]  # each [B]
+    cols = [t.reshape(batch, math.prod(t.shape[1:])).to(acc).pow(2).sum(dim=1) for t in tensors]  # each [B]
     out = torch.stack(cols, dim=1)                                             # [B, T]
     return out if per_tensor else out.sum(dim=1)
 

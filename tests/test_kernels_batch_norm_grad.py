@@ -113,18 +113,33 @@ def test_compiles_for_hopper_without_a_gpu():
     assert result.stdout.count("ok") == 3, result.stdout
 
 
-def test_reference_centres_first_where_the_mean_dwarfs_the_spread():
-    """Inputs far from zero with a small spread (raw pixel values, say): sum g*x - mean * sum g
-    would cancel; the reference then centres first and stays exact in float32."""
+@pytest.mark.parametrize("running_mean, running_var, centre", [
+    (200.0, 0.01, 200.0),    # raw pixel values: the mean dwarfs the spread, |mean| * inv_std = 2000
+    (8.0, 1.0, 8.0),         # an ordinary layer's statistics, a sample sitting at its mean
+    (2.0, 1 / 16, 2.0),
+])
+def test_reference_stays_exact_where_sum_gx_and_mean_sum_g_would_cancel(running_mean, running_var, centre):
+    """x close to the running mean compared with its size: sum g*x - mean * sum g loses digits in
+    float32 whatever the layer's statistics; the reference centres first, as the kernel."""
     bn = nn.BatchNorm2d(3).eval()
     with torch.no_grad():
-        bn.running_mean.fill_(200.0)
-        bn.running_var.fill_(0.01)
-    x = 200.0 + 0.1 * torch.randn(4, 3, 6, 6)
+        bn.running_mean.fill_(running_mean)
+        bn.running_var.fill_(running_var)
+    x = centre + 1e-4 * torch.randn(4, 3, 6, 6)
     g = torch.randn(4, 3, 6, 6)
     mean, inv_std = _stats(bn)
-    assert (mean.abs() * inv_std).max() > 1000
     tw, tb = _autograd_truth(bn, x, g)
     w, b = batch_norm_grad_sqnorm_reference(x, g, mean, inv_std)
     torch.testing.assert_close(w.double(), tw, rtol=1e-4, atol=0)
     torch.testing.assert_close(b.double(), tb, rtol=1e-5, atol=0)
+
+
+def test_empty_batch_gives_empty_results_on_every_path():
+    from gradnorm_engine.kernels import per_sample_sumsq
+
+    x = torch.randn(0, 3, 4, 4)
+    mean, inv_std = torch.zeros(3), torch.ones(3)
+    for impl in ("torch", "auto", "triton"):
+        w, b = batch_norm_grad_sqnorm(x, x, mean, inv_std, impl=impl)
+        assert w.shape == b.shape == (0,)
+        assert per_sample_sumsq([x, torch.randn(0, 5)], impl=impl).shape == (0,)

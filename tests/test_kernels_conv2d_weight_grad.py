@@ -127,6 +127,16 @@ def test_bad_arguments_name_the_problem():
         conv2d_weight_grad_sqnorm(x, torch.ones(2, 3, 4, 4), 3, groups=2)
     with pytest.raises(ValueError, match="impl"):
         conv2d_weight_grad_sqnorm(x, torch.ones(2, 3, 4, 4), 3, impl="cudnn")
+    # geometry torch's own conv refuses: refused on every path, before any kernel runs
+    for impl in ("torch", "triton"):
+        with pytest.raises(ValueError, match="padding must be .* at least 0"):
+            conv2d_weight_grad_sqnorm(x, torch.ones(2, 3, 2, 2), 3, padding=-1, impl=impl)
+        with pytest.raises(ValueError, match="kernel_size must be .* at least 1"):
+            conv2d_weight_grad_sqnorm(x, torch.ones(2, 3, 7, 7), 0, impl=impl)
+        with pytest.raises(ValueError, match="stride must be .* at least 1"):
+            conv2d_weight_grad_sqnorm(x, torch.ones(2, 3, 4, 4), 3, stride=0, impl=impl)
+        with pytest.raises(ValueError, match="'same'"):
+            conv2d_weight_grad_sqnorm(x, torch.ones(2, 3, 6, 6), 3, padding="same", impl=impl)
 
 
 def test_compiles_for_hopper_without_a_gpu():

@@ -137,6 +137,9 @@ def test_bad_arguments():
         per_sample_sumsq([])
     with pytest.raises(TypeError, match="floating"):
         per_sample_sumsq([torch.ones(2, 3, dtype=torch.int64)])
+    for impl in ("torch", "triton"):   # the kernel would read a pointer of another device
+        with pytest.raises(ValueError, match="one device"):
+            per_sample_sumsq([torch.ones(2, 3), torch.ones(2, 3, device="meta")], impl=impl)
 
 
 def test_triton_on_cpu_without_interpreter_says_how_to_fix():
