@@ -87,9 +87,14 @@ def check_rule(layer: nn.Module, inputs, *, rule: NormRule | None = None, grad_o
         gen = torch.Generator(device="cpu").manual_seed(seed)
         grad_outputs = torch.randn(output.shape, generator=gen, dtype=output.dtype).to(output.device)
     with torch.no_grad():
-        got = {id(p): v for p, v in rule(layer, inputs, (grad_outputs.detach(),)).items()}
+        returned = rule(layer, inputs, (grad_outputs.detach(),))
+    if not isinstance(returned, dict):
+        raise TypeError(f"the rule {getattr(rule, '__name__', repr(rule))} returned a {type(returned).__name__}; "
+                        "a rule returns a dict {parameter: tensor [B] of per-sample squared norms}")
+    got = {id(p): v for p, v in returned.items()}
 
-    named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+    # A rule covers the parameters its layer owns directly; child modules have rules of their own.
+    named = [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
     expected = _per_sample_loop(layer, inputs, grad_outputs, [p for _, p in named])
     comp_dtype = dtype or next((p.dtype for _, p in named), torch.float32)
     tol = rtol if rtol is not None else DEFAULT_RTOL.get(comp_dtype, 1e-4)
@@ -100,6 +105,10 @@ def check_rule(layer: nn.Module, inputs, *, rule: NormRule | None = None, grad_o
         if id(p) not in got:
             result.params.append(ParamCheck(name, float("nan"), float("nan"), False,
                                             "the rule returned no entry for this parameter"))
+            continue
+        if not isinstance(got[id(p)], torch.Tensor):
+            result.params.append(ParamCheck(name, float("nan"), float("nan"), False,
+                                            f"the rule returned a {type(got[id(p)]).__name__}, not a tensor [{batch}]"))
             continue
         value = got[id(p)].detach().to(ref.device, torch.float64)
         if value.shape != ref.shape:

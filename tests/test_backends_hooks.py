@@ -4,11 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradnorm_engine import rank_unlabeled, score_pool
+from gradnorm_engine import rank_unlabeled, register_norm_rule, score_pool
 from gradnorm_engine.backends import resolve_backend
 from gradnorm_engine.backends.hooks import HooksBackend, HooksFallbackWarning, _graph_facts
 from gradnorm_engine.backends.loop import LoopBackend
 from gradnorm_engine.job import eval_mode, make_job
+from gradnorm_engine.norms import NORM_RULES
 from gradnorm_engine.reduction import reduce_sqnorms
 from tests.architectures import ARCHITECTURES
 
@@ -461,3 +462,79 @@ def test_nothing_of_a_chunk_outlives_the_call():
     before = live_tensor_bytes()
     score_pool(model, [pool], backend="hooks", chunk_size=8, progress=False)
     assert live_tensor_bytes() - before < pool.numel() * pool.element_size() // 8   # < one chunk's input
+
+
+def test_a_user_forward_hook_that_replaces_the_output_does_not_change_the_scores():
+    """The rule reads d loss / d (the layer's own output), also when a user's hook masks it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    features = torch.arange(8) < 5
+
+    def mask_padded(_module, inputs, out):   # samples whose first entry is "padding" lose features 5..7
+        padded = inputs[0][:, :1] < 0
+        return torch.where(padded & ~features, torch.zeros_like(out), out)
+
+    model[0].register_forward_hook(mask_padded)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    x[:2, 0] = x[:2, 0].abs()        # the self-check's two samples are not padded
+    x[2:, 0] = -x[2:, 0].abs()
+    want = score_pool(model, [x], backend="loop", progress=False)
+    got = score_pool(model, [x], backend="hooks", progress=False)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+class SelfPaddingConv(nn.Conv2d):
+    """Keeps Conv2d's forward but pads inside _conv_forward: the Conv rule cannot read it."""
+
+    def _conv_forward(self, x, weight, bias):
+        return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), weight, bias)
+
+
+def test_a_subclass_that_overrides_a_method_the_rule_relies_on_goes_to_the_fallback():
+    torch.manual_seed(0)
+    model = nn.Sequential(SelfPaddingConv(2, 3, 3), nn.Flatten(), nn.Linear(3 * 5 * 5, 4)).double()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    want = score_pool(model, [x], backend="loop", progress=False)
+    for backend in ("auto", "hooks"):
+        torch.testing.assert_close(score_pool(model, [x], backend=backend, progress=False), want, rtol=1e-10, atol=0)
+
+
+def test_a_rule_that_fails_on_a_layer_sends_it_to_the_fallback_with_a_warning():
+    from gradnorm_engine.backends.hooks import HooksFallbackWarning
+
+    class Odd(nn.Linear):
+        pass
+
+    def broken(layer, inputs, grad_outputs):
+        raise RuntimeError("cannot read this layer")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Odd(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    want = score_pool(model, [x], backend="loop", progress=False)
+    register_norm_rule(Odd)(broken)
+    try:
+        with pytest.warns(HooksFallbackWarning, match="broken.*Odd.*cannot read this layer"):
+            got = score_pool(model, [x], backend="hooks", progress=False)
+    finally:
+        NORM_RULES.pop(Odd)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("returned, message", [
+    (lambda layer, b: {layer.weight: torch.zeros(())}, r"returned \(\) .* shape \[6\]"),
+    (lambda layer, b: {layer.weight: torch.zeros(b, 1)}, r"returned \(6, 1\)"),
+    (lambda layer, b: {layer.weight: 0.0}, "returned float"),
+    (lambda layer, b: None, "returned a NoneType"),
+])
+def test_a_rule_returning_the_wrong_thing_is_named(returned, message):
+    class Mine(nn.Linear):
+        pass
+
+    register_norm_rule(Mine)(lambda layer, inputs, grad_outputs: returned(layer, inputs[0].shape[0]))
+    try:
+        model = nn.Sequential(Mine(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        with pytest.raises((TypeError, ValueError), match=message):
+            score_pool(model, [torch.randn(6, 4)], backend="hooks", progress=False)
+    finally:
+        NORM_RULES.pop(Mine)

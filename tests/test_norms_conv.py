@@ -146,3 +146,17 @@ def test_cost_model_picks_each_form_where_it_is_cheapest():
     # On CPU oneDNN's per-sample backward is worth half its count: layer2 materialises there.
     assert choose_conv_form(conv(128, 128, 1), (32, 128, 16, 16), (32, 128, 16, 16), "cpu") == "materialise"
     assert choose_conv_form(conv(256, 256, 1), (32, 256, 8, 8), (32, 256, 8, 8), "cpu") == "pixel_gram"
+
+
+@pytest.mark.parametrize("form", ["gram", "pixel_gram", "materialise"])
+def test_float32_forms_keep_their_digits_on_a_common_input_level_against_cancelling_gradients(form):
+    """Inputs at a level 1000x their spread, output gradients summing to zero over positions:
+    the Gram products cancel unless the inputs are centred first (they lost 1-2 digits of 7)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3).double()
+    x = 1000 + torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    g = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    g = g - g.mean(dim=(2, 3), keepdim=True)
+    truth = conv_weight_sqnorm(conv, x, g, form="materialise")
+    got = conv_weight_sqnorm(conv.float(), x.float(), g.float(), form=form).double()
+    assert float(((got - truth).abs() / truth).max()) < 1e-4

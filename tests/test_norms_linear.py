@@ -59,3 +59,17 @@ def test_frozen_weight_is_left_out():
     layer.weight.requires_grad_(False)
     result = check_rule(layer, torch.randn(4, 3))
     assert [p.name for p in result.params] == ["bias"]
+
+
+def test_float32_gram_form_keeps_its_digits_on_attention_keys():
+    """Key projection of softmax attention: inputs share a large direction, the gradients sum to
+    zero over the keys. The Gram form centres both before its products (it lost 1-2 digits)."""
+    from gradnorm_engine.norms.forms import weight_sqnorm
+
+    torch.manual_seed(0)
+    a = 1000 * torch.randn(1, 1, 64, dtype=torch.float64) + torch.randn(4, 8, 64, dtype=torch.float64)
+    g = torch.randn(4, 8, 64, dtype=torch.float64)
+    g = g - g.mean(dim=1, keepdim=True)
+    truth = torch.einsum("btp,btd->bpd", g, a).pow(2).sum(dim=(1, 2))
+    got = weight_sqnorm(a.float(), g.float(), form="gram").double()
+    assert float(((got - truth).abs() / truth).max()) < 1e-4

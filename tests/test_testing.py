@@ -76,3 +76,35 @@ def test_user_rule_checks_then_runs_in_the_hooks_backend():
 def test_float32_comparison_and_integer_inputs_kept():
     result = check_rule(nn.Embedding(7, 3), torch.tensor([[1, 1, 2], [6, 0, 1]]), dtype=torch.float32)
     assert result.ok and result.dtype == torch.float32
+
+
+class ScaledLinear(nn.Module):
+    """A block with a parameter of its own and a child layer (which has its own rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([1.5, -0.5, 2.0]))
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def scaled_rule(layer, inputs, grad_outputs):
+    with torch.no_grad():
+        out = layer.lin(inputs[0])
+    return {layer.scale: (grad_outputs[0] * out).pow(2).sum(dim=1)}
+
+
+def test_a_rule_is_checked_on_the_parameters_its_layer_owns_directly():
+    result = check_rule(ScaledLinear(), torch.randn(5, 4), rule=scaled_rule)
+    assert result.ok and [p.name for p in result.params] == ["scale"]
+
+
+def test_a_rule_returning_no_dict_or_no_tensor_is_named():
+    with pytest.raises(TypeError, match="returned a NoneType"):
+        check_rule(nn.Linear(4, 3), torch.randn(5, 4), rule=lambda layer, i, g: None)
+    result = check_rule(nn.Linear(4, 3), torch.randn(5, 4), rule=lambda layer, i, g: {layer.weight: 1.0,
+                                                                                         layer.bias: [0.0]},
+                        raise_on_mismatch=False)
+    assert not result.ok and "returned a float" in result.report() and "returned a list" in result.report()

@@ -241,8 +241,10 @@ class HooksBackend(Backend):
         handles = []
         try:
             for module, rule, mine in self.ruled:
+                # prepend: the rule needs the layer's own output, before a user's forward hook
+                # can replace it (hooks run in order, each given the previous one's result)
                 handles.append(module.register_forward_hook(
-                    self._recorder(module, rule, mine, calls, found, missed, x.shape[0])))
+                    self._recorder(module, rule, mine, calls, found, missed, x.shape[0]), prepend=True))
             loss = job.losses(x, copies).sum()
         finally:
             for h in handles:
@@ -298,8 +300,16 @@ class HooksBackend(Backend):
             def on_grad(grad: torch.Tensor) -> None:
                 if not call.active or call.inputs is None:
                     return
-                norms = {id(p): v for p, v in rule(module, call.inputs, (grad,)).items()}
-                call.inputs = None  # nothing is kept past its layer
+                inputs, call.inputs = call.inputs, None   # nothing is kept past its layer
+                try:
+                    result = rule(module, inputs, (grad,))
+                except Exception as err:  # noqa: BLE001 - a layer the rule cannot read: exact fallback
+                    if is_out_of_memory(err):
+                        raise
+                    _warn_rule_failed(rule, module, err)
+                    missed.update(id(p) for p in mine)
+                    return
+                norms = {id(p): v for p, v in _checked_rule_result(result, rule, module, batch).items()}
                 for p in mine:
                     if id(p) in norms:
                         col = columns[id(p)]
@@ -338,16 +348,59 @@ def _per_sample_sqnorm(g: torch.Tensor | None, batch: int, dtype: torch.dtype, d
 
 
 def _trusted_rule(module: nn.Module):
-    """The module's rule, if its forward is the one the rule was written for: a rule inherited
-    from a base class is used only when the subclass keeps that class's forward (a subclass
-    that pads or rescales in its own forward goes to the fallback unless it registers a rule)."""
+    """The module's rule, if its computation is the one the rule was written for: a rule
+    inherited from a base class is used only when the subclass keeps that class's forward and
+    every method it calls (a subclass that pads in its own ``_conv_forward`` or rescales in its
+    own ``forward`` goes to the fallback unless it registers a rule)."""
     rule = find_norm_rule(module)
     if rule is None:
         return None
     for cls in type(module).__mro__:
         if NORM_RULES.get(cls) is rule:
-            return rule if type(module).forward is cls.forward else None
+            return rule if _same_computation(type(module), cls) else None
     return None
+
+
+# Methods a subclass may override without changing what the layer computes.
+HARMLESS_OVERRIDES = {"extra_repr", "reset_parameters", "_load_from_state_dict", "_save_to_state_dict"}
+
+
+def _same_computation(sub: type, cls: type) -> bool:
+    """``sub`` keeps every method ``cls`` and its bases below nn.Module define (dunders aside)."""
+    for klass in cls.__mro__:
+        if klass is nn.Module or not issubclass(klass, nn.Module):
+            break
+        for name, value in vars(klass).items():
+            if callable(value) and not name.startswith("__") and name not in HARMLESS_OVERRIDES:
+                if getattr(sub, name, None) is not getattr(cls, name, None):
+                    return False
+    return True
+
+
+def _rule_name(rule) -> str:
+    return getattr(rule, "__qualname__", None) or repr(rule)
+
+
+def _warn_rule_failed(rule, module: nn.Module, err: Exception) -> None:
+    warnings.warn(
+        f"backend='hooks': the norm rule {_rule_name(rule)} failed on a {type(module).__name__} "
+        f"({type(err).__name__}: {err}); that layer's parameters are scored exactly by the fallback "
+        "(vmap/loop), more slowly. Register a rule for this layer type to speed it up.",
+        HooksFallbackWarning, stacklevel=2)
+
+
+def _checked_rule_result(result, rule, module: nn.Module, batch: int) -> dict:
+    """A rule must return {parameter: per-sample squared norms [B]}; anything else names the rule."""
+    where = f"the norm rule {_rule_name(rule)} for {type(module).__name__}"
+    if not isinstance(result, dict):
+        raise TypeError(f"{where} returned a {type(result).__name__}; a rule returns a dict "
+                        "{parameter: tensor [B] of per-sample squared norms}")
+    for p, value in result.items():
+        if not isinstance(value, torch.Tensor) or value.shape != (batch,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{where} returned {shape} for a parameter of shape {tuple(getattr(p, 'shape', ()))}; "
+                             f"a rule returns one squared norm per sample, a tensor of shape [{batch}]")
+    return result
 
 
 class _ExactFallback(Backend):

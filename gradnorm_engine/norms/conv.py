@@ -94,9 +94,7 @@ def conv_weight_sqnorm(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, form:
     pads = _paddings(layer)
     gg = g.reshape(batch * groups, out_channels // groups, positions).transpose(1, 2)          # (B*G, T, O/G)
     if form == "pixel_gram":
-        gram_a = patch_gram_from_pixels(_pad(x, pads, layer.padding_mode), kernel, stride, dilation, groups,
-                                        g.shape[2:], accum_dtype(x, g))                       # (B*G, T, T)
-        return sqnorm_from_input_gram(gram_a, gg).reshape(batch, groups).sum(dim=1)
+        return pixel_gram_sqnorm(layer, _pad(x, pads, layer.padding_mode), gg, g.shape[2:], accum_dtype(x, g))
     if x.is_cuda and form == "materialise":
         return materialise_with_kernels(layer, x, g, pads)
     if form == "materialise" and math.prod(kernel) > 1:
@@ -107,6 +105,45 @@ def conv_weight_sqnorm(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, form:
     a = unfold_patches(_pad(x, pads, layer.padding_mode), kernel, stride, dilation, groups)    # (B*G, T, K)
     per_group = gram_sqnorm(a, gg) if form == "gram" else linear_weight_grad_sqnorm(a, gg).to(accum_dtype(x, g))
     return per_group.reshape(batch, groups).sum(dim=1)
+
+
+def pixel_gram_sqnorm(layer: nn.Module, xp: torch.Tensor, gg: torch.Tensor, out_shape, acc: torch.dtype) -> torch.Tensor:
+    """The pixel-Gram form on inputs centred per sample and channel.  xp: the padded input
+    [B, C, *Sp]; gg: output gradients [B*G, T, O/G]  -> [B]
+
+    With m the mean of each (sample, channel) over the padded pixels, every patch is
+    a_t = A_t + c, c = m repeated over the taps. Then sum_t g_t a_t^T = sum_t g_t A_t^T + s c^T
+    (s = sum_t g_t) and
+
+        ||.||^2 = sum_{t,t'} (A_t . A_t')(g_t . g_t') + 2 sum_t (s . g_t)(A_t . c) + |s|^2 |c|^2
+
+    where A_t . c = sum_taps y[t + tap] with y = sum_channels m * (x - m), per pixel. Uncentred,
+    a large common input level against gradients that cancel over the positions would make
+    the Gram products cancel in float32 (as in gram_sqnorm).
+    """
+    kernel, stride, dilation, groups = layer.kernel_size, layer.stride, layer.dilation, layer.groups
+    batch, channels = xp.shape[:2]
+    xp = xp.to(acc)
+    spatial = tuple(range(2, xp.dim()))
+    mean = xp.mean(dim=spatial, keepdim=True)                                  # (B, C, 1, ...)
+    centred = xp - mean
+    gram_a = patch_gram_from_pixels(centred, kernel, stride, dilation, groups, out_shape, acc)   # (B*G, T, T)
+    main = sqnorm_from_input_gram(gram_a, gg)                                   # (B*G,)
+    per_group = (batch * groups, channels // groups)
+    y = (centred * mean).reshape(*per_group, *xp.shape[2:]).sum(dim=1)         # (B*G, *Sp)
+    along_c = None                                                              # (B*G, *S'): A_t . c
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        rows = tuple(slice(d * i, d * i + s * (n - 1) + 1, s)
+                     for i, d, s, n in zip(tap, dilation, stride, out_shape))
+        block = y[(slice(None), *rows)]
+        along_c = block.clone() if along_c is None else along_c.add_(block)
+    gg = gg.to(acc)
+    s_sum = gg.sum(dim=1)                                                       # (B*G, O/G)
+    along_s = torch.bmm(gg, s_sum.unsqueeze(2)).squeeze(2)                      # (B*G, T): s . g_t
+    cross = 2 * (along_s * along_c.reshape(batch * groups, -1)).sum(dim=1)
+    c_sq = math.prod(kernel) * mean.reshape(*per_group).pow(2).sum(dim=1)       # (B*G,): |c|^2
+    total = (main + cross + s_sum.pow(2).sum(dim=1) * c_sq).clamp_min(0)
+    return total.reshape(batch, groups).sum(dim=1)
 
 
 def patch_gram_from_pixels(xp: torch.Tensor, kernel, stride, dilation, groups: int, out_shape,

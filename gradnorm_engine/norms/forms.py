@@ -28,10 +28,27 @@ def prefer_gram(positions: int, out_features: int, in_features: int) -> bool:
 def gram_sqnorm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """sum_{t,t'} (a_t . a_t')(g_t . g_t') per row.  a [N, T, d], g [N, T, p] -> [N]
 
-    Computed in float32 (float64 for float64 input) from the two T x T Gram matrices.
+    Computed in float32 (float64 for float64 input) from the Gram matrices of the inputs and
+    gradients centred over the positions. With a_t = abar + A_t, g_t = gbar + C_t (sum_t A_t =
+    sum_t C_t = 0) the gradient is sum_t g_t a_t^T = T gbar abar^T + sum_t C_t A_t^T, so
+
+        ||.||^2 = sum_{t,t'} (A_t . A_t')(C_t . C_t') + 2T sum_t (gbar . C_t)(A_t . abar) + T^2 |gbar|^2 |abar|^2
+
+    Uncentred, a direction shared by all positions (a large common input, e.g. attention keys
+    after a LayerNorm) against gradients that cancel over the positions (a softmax's) makes the
+    Gram products cancel: float32 then lost up to 3 digits against the per-sample loop.
     """
-    a = a.to(accum_dtype(a, g))
-    return sqnorm_from_input_gram(torch.bmm(a, a.transpose(1, 2)), g)
+    acc = accum_dtype(a, g)
+    a, g = a.to(acc), g.to(acc)
+    positions = a.shape[1]
+    a_mean, g_mean = a.mean(dim=1, keepdim=True), g.mean(dim=1, keepdim=True)     # (N, 1, d), (N, 1, p)
+    a_c, g_c = a - a_mean, g - g_mean
+    centred = sqnorm_from_input_gram(torch.bmm(a_c, a_c.transpose(1, 2)), g_c)
+    along_g = torch.bmm(g_c, g_mean.transpose(1, 2)).squeeze(2)                 # (N, T): gbar . C_t
+    along_a = torch.bmm(a_c, a_mean.transpose(1, 2)).squeeze(2)                 # (N, T): A_t . abar
+    cross = 2 * positions * (along_g * along_a).sum(dim=1)
+    rank_one = positions ** 2 * g_mean.pow(2).sum(dim=(1, 2)) * a_mean.pow(2).sum(dim=(1, 2))
+    return (centred + cross + rank_one).clamp_min(0)   # a true zero may round to -1e-30
 
 
 def sqnorm_from_input_gram(gram_a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
