@@ -57,10 +57,14 @@ CHECKPOINT_NAME = re.compile(r"trial(\d+)\.pt")
 # Settings a resumed run must share with the run it continues; cycles, trials and the
 # strategy list may grow.
 RESUME_KEYS = ("dataset", "seed", "initial", "budget", "subset", "epochs", "lr", "milestones", "batch_size",
-               "detach_epoch", "width", "from_scratch", "norm", "pool")
+               "detach_epoch", "width", "from_scratch", "norm", "score", "pool")
 # Data options a resumed run must share too (paths to the data may move; what is read from them
 # may not: the pool fact above catches a different folder with the same options).
 RESUME_DATA_KEYS = ("train_root", "test_root", "image_size")
+
+# Losses the gradient-norm strategies may differentiate: the softmax entropy, or the same with the
+# public reference code's probability clamp (Categorical(probs=...).entropy()).
+GRADNORM_SCORES = ("entropy", "categorical_entropy")
 
 Hook = Callable[[str, dict], None]
 ModelFactory = Callable[[ALDataset, Preset], nn.Module]
@@ -77,6 +81,7 @@ class ALConfig:
     from_scratch: bool = False
     norm: str = "tensor_sum"      # gradient-norm strategies: "tensor_sum" (reference code) or "frobenius"
     backend: str = "auto"         # engine backend for the gradient-norm strategies
+    score: str = "entropy"        # their loss: "entropy", or "categorical_entropy" (the reference code's clamp)
     resume: bool = False
     progress: bool = True
     data_options: dict = field(default_factory=dict)  # passed to load_dataset (root, download, path, ...)
@@ -88,7 +93,7 @@ class ALConfig:
                 "initial": p.initial, "budget": p.budget, "subset": p.subset, "cycles": p.cycles,
                 "trials": p.trials, "epochs": p.epochs, "lr": p.lr, "milestones": list(p.milestones),
                 "batch_size": p.batch_size, "detach_epoch": p.resolved_detach_epoch(), "width": p.width,
-                "from_scratch": self.from_scratch, "norm": self.norm, "backend": self.backend,
+                "from_scratch": self.from_scratch, "norm": self.norm, "score": self.score, "backend": self.backend,
                 "data": {k: v for k, v in self.data_options.items() if k != "download"}}
 
 
@@ -257,6 +262,8 @@ def validate_names(config: ALConfig) -> None:
         raise UsageError("a strategy is listed twice in --strategies")
     if config.norm not in ("tensor_sum", "frobenius"):
         raise UsageError(f"unknown norm {config.norm!r}; choose tensor_sum or frobenius")
+    if config.score not in GRADNORM_SCORES:
+        raise UsageError(f"unknown score {config.score!r}; choose from {', '.join(GRADNORM_SCORES)}")
     if config.backend not in ("auto", *BACKENDS):
         raise UsageError(f"unknown backend {config.backend!r}; choose from auto, {', '.join(BACKENDS)}")
 
@@ -407,7 +414,8 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
     pool_size = len(data.train)
     validate(config, pool_size)
     device = resolve_device(config.device)
-    strategies = {name: make_strategy(name, norm=config.norm, backend=config.backend) for name in config.strategies}
+    strategies = {name: make_strategy(name, norm=config.norm, backend=config.backend, score=config.score)
+                  for name in config.strategies}
     on_main_process(lambda: _prepare_out(config, data))
     train_split = place_split(data.train, device)
     test_split = place_split(data.test, device)
@@ -482,7 +490,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
                           "queried": picked.tolist(), "dataset": config.dataset, "seed": config.seed,
                           "subset": int(subset.numel()), "epochs": p.epochs, "device": device.type}
                 if getattr(strategy, "last_backend", None):
-                    record |= {"norm": config.norm, "backend": strategy.last_backend}
+                    record |= {"norm": config.norm, "score": config.score, "backend": strategy.last_backend}
                 if cycle == 1:
                     record["initial_indices"] = labeled[:trained_on].tolist()
                 records.append(record)

@@ -285,3 +285,15 @@ def test_a_cut_results_file_is_named_and_a_resume_rebuilds_it(tmp_path, digits):
         read_results(str(tmp_path))
     assert run_active_learning(_config(tmp_path, ["random"], resume=True), data=digits, log=None) == records
     assert read_results(str(tmp_path)) == json.loads(json.dumps(records))
+
+
+def test_the_gradnorm_query_can_take_the_reference_codes_clamped_entropy(tmp_path, digits):
+    plain = run_active_learning(_config(tmp_path / "a", ["ent-gradnorm"]), data=digits, log=None)
+    clamped = run_active_learning(_config(tmp_path / "b", ["ent-gradnorm"], score="categorical_entropy"),
+                                  data=digits, log=None)
+    assert [r["score"] for r in clamped] == ["categorical_entropy"] * 2
+    assert [r["labeled"] for r in clamped] == [r["labeled"] for r in plain]
+    with pytest.raises(UsageError, match="score"):   # a resume keeps the run's loss
+        run_active_learning(_config(tmp_path / "b", ["ent-gradnorm"], resume=True), data=digits, log=None)
+    with pytest.raises(UsageError, match="unknown score"):
+        run_active_learning(_config(tmp_path / "c", ["ent-gradnorm"], score="pseudo"), data=digits, log=None)

@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="re-initialise the model every cycle (default: warm start, as the reference code)")
     p.add_argument("--norm", choices=("tensor_sum", "frobenius"), default="tensor_sum",
                    help="gradient norm of lplgrad / ent-gradnorm (default: tensor_sum, the reference code's)")
+    p.add_argument("--score", choices=("entropy", "categorical_entropy"), default="entropy",
+                   help="loss whose gradient norm lplgrad / ent-gradnorm take: the softmax entropy (default), or "
+                        "categorical_entropy, the reference code's Categorical(probs=softmax).entropy() with its "
+                        "probability clamp")
     p.add_argument("--backend", default="auto", help="engine backend for gradient norms (default: auto)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is best for "
@@ -84,7 +88,8 @@ def config_from_args(args: argparse.Namespace) -> ALConfig:
                     "train_root": args.train_root, "test_path": args.test_data, "test_root": args.test_root,
                     "image_size": args.image_size}
     return ALConfig(dataset=args.dataset, strategies=strategies, preset=preset, out=args.out, seed=args.seed,
-                    device=args.device, from_scratch=args.from_scratch, norm=args.norm, backend=args.backend,
+                    device=args.device, from_scratch=args.from_scratch, norm=args.norm, score=args.score,
+                    backend=args.backend,
                     resume=args.resume, progress=not args.no_progress, data_options=data_options)
 
 
