@@ -70,7 +70,8 @@ def score_pool(
     ``norm="tensor_sum"`` the sum over parameter tensors of each tensor's L2 norm.
 
     The model runs in eval mode; its train/eval flags are restored afterwards and no
-    parameter, buffer or ``.grad`` changes.
+    parameter, ``.grad`` or BatchNorm statistic changes (buffers the model's own forward
+    updates in eval mode change as in any forward).
 
     Under torch.distributed (an initialised default process group with more than one rank)
     each rank scores one contiguous block of the pool and every rank returns all N scores;
@@ -90,9 +91,9 @@ def rank_unlabeled(model: nn.Module, loader: Iterable, k: int, *, distributed: b
     Under torch.distributed each rank ranks its own block and the per-rank top-k lists are
     merged, so every rank returns the same, single-process answer.
     """
-    k = _check_k(k)
-    if use_sharding(distributed):
+    if use_sharding(distributed):   # checks k with the other arguments, on every rank at once
         return rank_unlabeled_sharded(model, loader, k, **options)
+    k = _check_k(k)
     scores, backend_name = _score(model, loader, **options, distributed=False)
     return top_k(scores, k, backend=backend_name, norm=options.get("norm", "frobenius"))
 
@@ -170,7 +171,10 @@ class _ChunkStream:
         head, rest = x[:n], x[n:]
         self.parts = [rest] if rest.shape[0] else []
         self.count = rest.shape[0]
-        return head
+        # A chunk starting inside a larger tensor is copied to memory of its own: CPU kernels
+        # round differently for differently aligned data, and a chunk's scores must not depend on
+        # where the loader's batches happened to cut it (or sharded scores on the block start).
+        return head.clone() if head.storage_offset() else head
 
 
 def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, *, input_key, norm, progress) -> torch.Tensor:

@@ -117,7 +117,9 @@ def on_main_process(fn: Callable[[], T]) -> T:
     own_error = None
     if dist.get_rank() == 0:
         try:
-            box[0] = ("ok", fn())
+            value = fn()
+            pickle.dumps(value)   # what cannot travel fails here, not in the broadcast
+            box[0] = ("ok", value)
         except Exception as err:  # noqa: BLE001 - handed to every rank below
             own_error, box[0] = err, ("raised", _picklable(err))
     _collective(lambda: dist.broadcast_object_list(box, src=0, group=_control_group()),
@@ -179,11 +181,12 @@ def check_shardable(loader: Iterable) -> None:
             "distributed=False to score the whole pool on every process")
 
 
-def shard_loader(loader: Iterable, rank: int, world_size: int, order: Sequence[int] | None = None
-                 ) -> tuple[DataLoader, int, int]:
+def shard_loader(loader: Iterable, rank: int, world_size: int, order: Sequence[int] | None = None,
+                 align: int = 1) -> tuple[DataLoader, int, int]:
     """A DataLoader over rank ``rank``'s block of ``loader``'s pool, and the block [start, stop).
 
-    ``order``: ``loader_order(loader)`` when the caller has it already.
+    ``order``: ``loader_order(loader)`` when the caller has it already. ``align``: blocks start at
+    multiples of it (the chunk size, so that every rank's chunks are a single process's chunks).
 
     The new loader reads the same dataset with the same batch size (a custom batch sampler
     becomes plain batches of its largest batch size: scores do not depend on batch size),
@@ -191,7 +194,9 @@ def shard_loader(loader: Iterable, rank: int, world_size: int, order: Sequence[i
     """
     check_shardable(loader)
     order = loader_order(loader) if order is None else order
-    start, stop = shard_bounds(len(order), rank, world_size)
+    align = max(1, int(align))
+    first, last = shard_bounds(-(-len(order) // align), rank, world_size)   # in units of align
+    start, stop = min(first * align, len(order)), min(last * align, len(order))
     positions = order[start:stop]
     if loader.batch_sampler is None:  # batch_size=None: every dataset item is a batch
         batching = dict(batch_size=None, sampler=positions)
@@ -261,10 +266,10 @@ def score_pool_sharded(model: nn.Module, loader: Iterable, **options) -> tuple[t
 def rank_unlabeled_sharded(model: nn.Module, loader: Iterable, k: int, **options):
     """rank_unlabeled's sharded path: merge per-rank top-k lists; every rank returns the same
     RankResult. Only at most k scores and k positions per rank travel."""
-    from .api import RankResult, _check_k  # api imports this module; import back lazily
+    from .api import RankResult  # api imports this module; import back lazily
 
-    k = _check_k(k)
-    block = _score_own_block(model, loader, options)
+    block = _score_own_block(model, loader, options, k=k)
+    k = block.k
     if k > block.pool_size:
         raise ValueError(f"k = {k} is larger than the pool ({block.pool_size} samples); "
                          f"ask for at most {block.pool_size}")
@@ -293,6 +298,7 @@ class ScoredBlock:
     group: object                # the gloo group for the exchanges
     dtype: torch.dtype           # the score dtype all ranks agree on
     backend: str
+    k: int | None = None         # rank_unlabeled's k, checked (None for score_pool)
 
     @property
     def pool_size(self) -> int:
@@ -351,23 +357,33 @@ def exchange_status(status: RankStatus, group) -> list[RankStatus]:
     return statuses
 
 
-def _score_own_block(model: nn.Module, loader: Iterable, options: dict) -> ScoredBlock:
+def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None) -> ScoredBlock:
     """Score this rank's block, then exchange statuses; raise on every rank if any rank failed."""
     from . import api  # api imports this module; import back lazily
 
-    options = dict(options)
-    if options.get("params") is not None:
-        options["params"] = list(options["params"])  # read twice below: a generator would be spent
-    # Checks that depend only on the arguments run before anything is exchanged: every rank
-    # fails the same way at once, with the single-process exception type.
-    _check_options(model, options, api)
-    check_pool_loader(loader)  # on the user's loader: the block loader hides shuffle/drop_last
     rank, world = dist.get_rank(), dist.get_world_size()
-    check_shardable(loader)
-    order = loader_order(loader)
-    block, start, stop = shard_loader(loader, rank, world, order)
     group = _control_group()
-    _check_same_pool(order_digest(loader, order), group)
+    # Checks of the arguments, then one exchange: every rank learns whether all ranks passed and
+    # call with the same pool and options before anything else is exchanged. A rank that failed
+    # alone would otherwise leave the others waiting, or pair their next exchange with its next call.
+    refused: Exception | None = None
+    agreement = ""
+    try:
+        options = dict(options)
+        if options.get("params") is not None:
+            options["params"] = list(options["params"])  # read twice below: a generator would be spent
+        if k is not None:
+            k = api._check_k(k)
+        _check_options(model, options, api)
+        check_pool_loader(loader)  # on the user's loader: the block loader hides shuffle/drop_last
+        check_shardable(loader)
+        order = loader_order(loader)
+        align = 1 if items_are_batches(loader) else int(options.get("chunk_size") or 1)
+        block, start, stop = shard_loader(loader, rank, world, order, align=align)
+        agreement = f"{order_digest(loader, order)}; {_call_digest(options, k)}"
+    except Exception as err:  # noqa: BLE001 - raised below, after every rank has heard of it
+        refused = err
+    _agree_before_scoring(agreement, refused, group)
 
     scores = torch.empty(0)
     status = RankStatus(ok=True)
@@ -392,20 +408,41 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict) -> Score
     if not done:
         raise ValueError("the pool is empty: the loader yielded no samples")
     dtype = getattr(torch, done[0].dtype.removeprefix("torch."))
-    return ScoredBlock(scores=scores, statuses=statuses, group=group, dtype=dtype, backend=done[0].backend)
+    return ScoredBlock(scores=scores, statuses=statuses, group=group, dtype=dtype, backend=done[0].backend, k=k)
 
 
-def _check_same_pool(digest: str, group) -> None:
-    """Blocks only partition the pool when every rank reads the same order: a random sampler
-    or a dataset listed differently on some node would score some samples twice, others never."""
-    digests: list = [None] * dist.get_world_size()
-    _collective(lambda: dist.all_gather_object(digests, digest, group=group), "comparing the pool order")
+def _agree_before_scoring(agreement: str, failed: Exception | None, group) -> None:
+    """Exchange each rank's argument checks and call digest; raise on every rank unless all
+    passed with one digest. Blocks only partition the pool when every rank reads the same order
+    (a random sampler or a dataset listed differently on some node would score some samples
+    twice, others never), and the later exchanges need the same k everywhere."""
+    mine = ("ok", agreement) if failed is None else ("failed", f"{type(failed).__name__}: {failed}")
+    everyone: list = [None] * dist.get_world_size()
+    _collective(lambda: dist.all_gather_object(everyone, mine, group=group), "comparing the calls")
+    if failed is not None:
+        raise failed   # the single-process exception, on the rank that found it
+    failures = {r: text for r, (state, text) in enumerate(everyone) if state == "failed"}
+    if failures:
+        listed = "; ".join(f"rank {r}: {m}" for r, m in failures.items())
+        raise DistributedScoringError(f"sharded scoring refused on {len(failures)} of {len(everyone)} ranks: "
+                                      f"{listed}", failures)
+    digests = [text for _, text in everyone]
     if len(set(digests)) > 1:
         shown = "; ".join(f"rank {r}: {d}" for r, d in enumerate(digests))
         raise ValueError(
-            f"the ranks read different pools ({shown}); sharding needs the same dataset in the same loader order "
-            "on every rank: use a fixed sampler (no random sampler) and build the dataset identically everywhere, "
-            "or pass distributed=False")
+            f"the ranks read different pools or call with different options ({shown}); sharding needs the same "
+            "dataset in the same loader order and the same options on every rank: use a fixed sampler (no random "
+            "sampler), build the dataset identically everywhere, or pass distributed=False")
+
+
+def _call_digest(options: dict, k) -> str:
+    """The options every rank must share (device aside: each rank has its own)."""
+    score = options.get("score", "entropy")
+    score = score if isinstance(score, str) else getattr(score, "__qualname__", type(score).__name__)
+    shared = {"k": k, "norm": options.get("norm", "frobenius"), "score": score,
+              "backend": options.get("backend", "auto"), "chunk_size": options.get("chunk_size"),
+              "autocast": options.get("autocast")}
+    return ", ".join(f"{name}={value}" for name, value in shared.items())
 
 
 _JOB_OPTIONS = ("score", "params", "logits_fn", "device", "autocast", "max_memory")

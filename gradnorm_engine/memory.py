@@ -37,9 +37,11 @@ def chunk_budget(device: torch.device, max_memory: int | None) -> int:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def activation_elems(model: torch.nn.Module, example: torch.Tensor, precision=contextlib.nullcontext) -> int:

@@ -344,3 +344,11 @@ def test_vmap_refuses_autocast_with_batchnorm_and_auto_still_scores():
     want = reference_scores(model, x)
     assert got.dtype == torch.float32
     assert max_rel_err(got, want) <= 0.05  # bf16 forward and backward: about 2-3 significant digits
+
+
+def test_a_cpu_allocation_failure_counts_as_out_of_memory():
+    from gradnorm_engine.memory import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
+                                         "allocate memory: you tried to allocate 123 bytes."))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))

@@ -235,6 +235,14 @@ def run_checks(outdir: str) -> dict:
         "broadcast": broadcast_from_rank0,
         "main_process": is_main_process,
         "al_loop": lambda: al_under_torchrun(outdir),
+        # a mistake on one rank only: every rank raises, and the next call is not out of step
+        "one_rank_refused": lambda: score_pool(model, pool_loader(drop_last=dist.get_rank() == 1), progress=False),
+        "after_refusal": lambda: score_pool(model, pool_loader(), progress=False),
+        "k_differs": lambda: rank_unlabeled(model, pool_loader(), 3 + dist.get_rank(), progress=False),
+        "k_bad_on_one_rank": lambda: rank_unlabeled(model, pool_loader(), 0 if dist.get_rank() else 3, progress=False),
+        # with a chunk size, blocks start at its multiples: a single process's chunks exactly
+        "aligned_chunks": lambda: score_pool(model, pool_loader(), chunk_size=5, progress=False),
+        "main_unpicklable": main_process_unpicklable,
     }
     results = {}
     for name, call in checks.items():
@@ -243,6 +251,18 @@ def run_checks(outdir: str) -> dict:
         except Exception as err:
             results[name] = ("raised", type(err).__name__, str(err))
     return results
+
+
+def main_process_unpicklable() -> tuple:
+    """on_main_process whose result cannot travel: every rank raises at once, none waits."""
+    from gradnorm_engine.distributed import on_main_process
+
+    start = time.monotonic()
+    try:
+        on_main_process(lambda: (lambda: 1))   # a lambda does not pickle
+        return ("no error",)
+    except Exception as err:
+        return type(err).__name__, time.monotonic() - start
 
 
 def run_stall(outdir: str) -> dict:
@@ -306,6 +326,7 @@ def reference() -> dict:
         "rank_reordered": rank_tuple(rank_unlabeled(model, reordered_loader(), 7, progress=False)),
         "score_batch_sampler": score_pool(model, batch_sampler_loader(), progress=False),
         "score_prebatched": score_pool(model, prebatched_loader(), progress=False),
+        "aligned_chunks": score_pool(model, pool_loader(), chunk_size=5, progress=False),
         "tiny_pool": (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), progress=False),
                       rank_tuple(rank_unlabeled(model, DataLoader(make_inputs()[:2]), 2, progress=False))),
     }
@@ -342,7 +363,8 @@ def assert_same(got, want, what: str) -> None:
 # --- across ranks ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("check", ["score_pool", "score_pool_tensor_sum", "rank_k", "rank_all", "rank_1",
-                                   "rank_reordered", "score_batch_sampler", "score_prebatched", "tiny_pool"])
+                                   "rank_reordered", "score_batch_sampler", "score_prebatched", "tiny_pool",
+                                   "aligned_chunks"])
 def test_every_rank_returns_the_single_process_answer(ranks, reference, check):
     for r, results in enumerate(ranks):
         assert_same(results[check], reference[check], f"rank {r} of {len(ranks)}, {check}")
@@ -399,6 +421,30 @@ def test_the_al_loop_under_torchrun_picks_as_one_process_and_rank0_alone_touches
         # rank 0's own check of its folder stops every rank, none is left waiting
         assert got["run_into_used_folder"] == "UsageError", f"rank {r} of {len(ranks)}"
     assert len(ranks[0]["al_loop"]["result_lines"]) == 3
+
+
+def test_a_mistake_on_one_rank_stops_every_rank_and_the_next_call_is_in_step(ranks, reference):
+    for r, results in enumerate(ranks):
+        got = results["one_rank_refused"]
+        if r == 1:
+            assert got[:2] == ("raised", "ValueError") and "drop_last" in got[2]
+        else:
+            assert got[:2] == ("raised", "DistributedScoringError") and "rank 1: ValueError" in got[2], got
+        assert_same(results["after_refusal"], reference["score_pool"], f"rank {r}: the call after")
+
+
+def test_ranks_asking_for_different_k_are_refused_on_every_rank(ranks):
+    for r, results in enumerate(ranks):
+        got = results["k_differs"]
+        assert got[:2] == ("raised", "ValueError") and "k=3" in got[2] and "k=4" in got[2], got
+        bad = results["k_bad_on_one_rank"]
+        assert bad[:2] == (("raised", "ValueError") if r else ("raised", "DistributedScoringError")), bad
+
+
+def test_a_main_process_result_that_cannot_travel_raises_everywhere_at_once(ranks):
+    for results in ranks:
+        name, seconds = results["main_unpicklable"]
+        assert name != "no error" and seconds < 10
 
 
 def test_the_failing_rank_chains_its_original_exception(ranks):
