@@ -61,6 +61,8 @@ RESUME_KEYS = ("dataset", "seed", "initial", "budget", "subset", "epochs", "lr",
 # Data options a resumed run must share too (paths to the data may move; what is read from them
 # may not: the pool fact above catches a different folder with the same options).
 RESUME_DATA_KEYS = ("train_root", "test_root", "image_size")
+# What runs written before a key was saved used (they could use nothing else).
+RESUME_DEFAULTS = {"score": "entropy"}
 
 # Losses the gradient-norm strategies may differentiate: the softmax entropy, or the same with the
 # public reference code's probability clamp (Categorical(probs=...).entropy()).
@@ -164,9 +166,29 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def _new_file_mode() -> int:
     """The mode open() gives a new file: 0666 less the process umask."""
-    mask = os.umask(0)
+    return 0o666 & ~_process_umask()
+
+
+def _process_umask() -> int:
+    """The umask, read without changing it (setting it, even for a moment, races with other
+    threads creating files); where /proc does not say, the umask at import."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def _read_umask_once() -> int:
+    mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+_UMASK_AT_IMPORT = _read_umask_once()
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -312,7 +334,9 @@ def _prepare_out(config: ALConfig, data: ALDataset) -> None:
     if config.resume and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        # Keys a run of an older version did not save are not compared.
+        # Keys a run of an older version did not save: compared with the value that version
+        # always used where there was one, not compared otherwise.
+        saved = {**RESUME_DEFAULTS, **saved}
         different = [(k, saved[k], settings.get(k)) for k in RESUME_KEYS if k in saved and saved[k] != settings.get(k)]
         saved_data, data_now = saved.get("data", {}), settings["data"]
         different += [(f"data {k}", saved_data.get(k), data_now.get(k)) for k in RESUME_DATA_KEYS

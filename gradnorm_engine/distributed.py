@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
+from .backends import check_backend_name
 from .job import make_job
 from .loaders import check_pool_loader, items_are_batches
 from .ranking import best_positions
@@ -456,6 +457,7 @@ def _check_options(model: nn.Module, options: dict, api) -> None:
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; score_pool/rank_unlabeled take {sorted(known)}")
     check_norm(options.get("norm", "frobenius"))
+    check_backend_name(options.get("backend", "auto"))
     make_job(model, **{name: options.get(name, api_default[name]) for name in _JOB_OPTIONS})
     chunk_size = options.get("chunk_size")
     if chunk_size is not None and chunk_size <= 0:

@@ -75,7 +75,9 @@ class _IndexedFolder(Dataset):
                              f"under '{self.root or '.'}' hold no images; add images to them or remove them")
         self.classes = sorted(by_class)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self._names = [n for c in self.classes for n in sorted(by_class[c])]
+        # Within a class: folder by folder, then file names, as torchvision's ImageFolder orders them.
+        self._names = [n for c in self.classes
+                       for n in sorted(by_class[c], key=lambda n: (str(PurePosixPath(n).parent), PurePosixPath(n).name))]
         self.targets = [self.class_to_idx[PurePosixPath(n[len(prefix):]).parts[0]] for n in self._names]
 
     def __len__(self) -> int:
@@ -144,15 +146,20 @@ class DirImageFolder(_IndexedFolder):
 def _find_root(names: list[str], root: str | None, where: str, root_option: str = ROOT_OPTION) -> str:
     if root is not None:
         return root
-    # The shallowest folder whose children are class folders holding images directly.
-    parents = sorted({str(PurePosixPath(n).parent.parent) for n in names}, key=lambda p: (p.count("/"), p))
+    # The shallowest folder whose children are class folders holding images directly (the top
+    # folder "." is the shallowest of all; images deeper inside a class folder belong to it).
+    def depth(folder: str) -> int:
+        return len(PurePosixPath(folder).parts)   # "." has none
+
+    parents = sorted({str(PurePosixPath(n).parent.parent) for n in names}, key=lambda p: (depth(p), p))
     if not parents:
         raise UsageError(f"{where}: not an image folder (holds no images in class folders); "
                          "expected <class>/<image> files")
-    candidates = [p for p in parents if p.count("/") == parents[0].count("/")]
+    candidates = [p for p in parents if depth(p) == depth(parents[0])]
     if len(candidates) > 1:
         raise UsageError(f"{where}: several image folders could be meant ({', '.join(candidates[:5])}); "
-                         f"pass the folder that holds the class folders with {root_option}")
+                         f"pass the folder that holds the class folders with {root_option} ('.' for the top "
+                         "folder, when the class folders hold their images in subfolders)")
     return "" if candidates[0] == "." else candidates[0]
 
 

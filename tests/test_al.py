@@ -297,3 +297,28 @@ def test_the_gradnorm_query_can_take_the_reference_codes_clamped_entropy(tmp_pat
         run_active_learning(_config(tmp_path / "b", ["ent-gradnorm"], resume=True), data=digits, log=None)
     with pytest.raises(UsageError, match="unknown score"):
         run_active_learning(_config(tmp_path / "c", ["ent-gradnorm"], score="pseudo"), data=digits, log=None)
+
+
+def test_file_mode_follows_the_umask_without_touching_it():
+    from gradnorm_engine.al import _new_file_mode
+
+    old = os.umask(0o027)
+    try:
+        assert _new_file_mode() == 0o640
+        assert os.umask(0o027) == 0o027   # still what was set: read, never changed
+    finally:
+        os.umask(old)
+
+
+def test_a_run_of_an_older_version_resumes_only_with_the_loss_it_used(tmp_path, digits):
+    run_active_learning(_config(tmp_path, ["ent-gradnorm"]), data=digits, log=None)
+    config_path = tmp_path / "config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["score"], saved["pool"]      # as written before these keys were saved
+    config_path.write_text(json.dumps(saved))
+    longer = Preset(**{**TINY.__dict__, "cycles": 3})
+    with pytest.raises(UsageError, match="score: 'entropy' -> 'categorical_entropy'"):
+        run_active_learning(_config(tmp_path, ["ent-gradnorm"], longer, resume=True, score="categorical_entropy"),
+                            data=digits, log=None)
+    records = run_active_learning(_config(tmp_path, ["ent-gradnorm"], longer, resume=True), data=digits, log=None)
+    assert [r["labeled"] for r in records] == [20, 30, 40]

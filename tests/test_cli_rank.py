@@ -172,3 +172,25 @@ def test_rank_model_factory_calls(tmp_path, capsys):
     with pytest.raises(TypeError, match="bug inside the factory"):
         main(["rank", "test_cli_rank:broken_inside", *args])
     assert FACTORY_CALLS == [2]
+
+
+def test_rank_under_torchrun_reports_a_ranks_bad_image_in_one_line(tmp_path):
+    """Two gloo ranks: the unreadable image sits in rank 1's block; a rank exits 2 with one line."""
+    import os
+    import subprocess
+    import sys
+
+    folder = make_folder(tmp_path / "pool")
+    (folder / "dog" / "zz-broken.png").write_bytes(b"this is not a png")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gradnorm_engine.cli",
+         "rank", "test_cli_rank:tiny_model", "--data", str(folder), "--k", "2", "--normalize", "none", "--no-progress",
+         "--device", "cpu", "--out", str(tmp_path / "p.csv")],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("gradnorm-engine rank: error:")]
+    # torchrun stops the other rank as soon as one exits, so one or both print the line
+    assert errors and all("zz-broken.png" in e and "not a readable image" in e for e in errors), done.stderr
+    assert "exitcode  : 2" in done.stderr   # torchrun's report of the ranks (its own traceback aside)

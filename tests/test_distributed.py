@@ -243,6 +243,7 @@ def run_checks(outdir: str) -> dict:
         # with a chunk size, blocks start at its multiples: a single process's chunks exactly
         "aligned_chunks": lambda: score_pool(model, pool_loader(), chunk_size=5, progress=False),
         "main_unpicklable": main_process_unpicklable,
+        "bad_backend": lambda: score_pool(model, pool_loader(), backend="nope", progress=False),
     }
     results = {}
     for name, call in checks.items():
@@ -439,6 +440,12 @@ def test_ranks_asking_for_different_k_are_refused_on_every_rank(ranks):
         assert got[:2] == ("raised", "ValueError") and "k=3" in got[2] and "k=4" in got[2], got
         bad = results["k_bad_on_one_rank"]
         assert bad[:2] == (("raised", "ValueError") if r else ("raised", "DistributedScoringError")), bad
+
+
+def test_a_bad_backend_name_is_the_single_process_error_on_every_rank(ranks):
+    for results in ranks:
+        got = results["bad_backend"]
+        assert got[:2] == ("raised", "ValueError") and "unknown backend 'nope'" in got[2], got
 
 
 def test_a_main_process_result_that_cannot_travel_raises_everywhere_at_once(ranks):

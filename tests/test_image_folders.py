@@ -110,3 +110,35 @@ def test_empty_class_folder_is_refused_in_a_zip_as_in_a_directory(tmp_path):
             open_image_folder(str(path))
     # a zip without folder entries (the usual kind) still reads
     assert open_image_folder(str(zip_folder(folder, tmp_path / "plain.zip"))).classes == ["cat", "dog"]
+
+
+def test_class_folders_with_subfolders_read_as_torchvision_reads_them(tmp_path):
+    """Images inside subfolders of a class folder belong to the class, in torchvision's order
+    (folder by folder, then file name), from a directory and from a zip of it."""
+    import os
+
+    from torchvision.datasets import ImageFolder
+
+    def image(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(path)
+
+    top = tmp_path / "pool"
+    for name in ("cat/2020/a.png", "cat/b.png", "cat/2019/z.png", "dog/c.png"):
+        image(top / name)
+    want = [os.path.relpath(p, top) for p, _ in ImageFolder(str(top)).samples]
+    got = open_image_folder(str(top))
+    assert got.classes == ["cat", "dog"]
+    assert [os.path.relpath(p, top) for p, _ in got.samples] == want
+    zip_path = tmp_path / "pool.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for name in want:
+            zf.write(top / name, name)
+    assert [n for n, _ in open_image_folder(str(zip_path)).samples] == want
+    # every image one level down in its class: ambiguous without a root, '.' says it
+    deep = tmp_path / "deep"
+    image(deep / "cat/x/a.png")
+    image(deep / "dog/y/c.png")
+    with pytest.raises(UsageError, match="'.' for the top"):
+        open_image_folder(str(deep))
+    assert open_image_folder(str(deep), root=".").classes == ["cat", "dog"]

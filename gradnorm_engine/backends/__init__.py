@@ -29,18 +29,20 @@ def backend_names() -> list[str]:
     return ["auto", *BACKENDS]
 
 
+def check_backend_name(name: str) -> None:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()}")
+
+
 def resolve_backend(name: str, job: ScoringJob) -> Backend:
+    check_backend_name(name)
     if name == "auto":
         for candidate in AUTO_ORDER:
             cls = BACKENDS.get(candidate)
             if cls is not None and getattr(cls, "supports", lambda _job: True)(job):
                 return cls(job)
         raise RuntimeError("no backend supports this job")  # unreachable: loop supports all
-    try:
-        cls = BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()}") from None
-    return cls(job)
+    return BACKENDS[name](job)
 
 
-__all__ = ["Backend", "BACKENDS", "backend_names", "resolve_backend"]
+__all__ = ["Backend", "BACKENDS", "backend_names", "check_backend_name", "resolve_backend"]

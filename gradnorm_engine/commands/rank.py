@@ -25,7 +25,7 @@ from torch.utils.data.dataloader import default_collate
 
 from ..api import rank_unlabeled
 from ..backends import backend_names
-from ..distributed import broadcast_module, init_from_torchrun, is_main_process
+from ..distributed import DistributedScoringError, broadcast_module, init_from_torchrun, is_main_process
 from ..errors import SampleShapeError, UsageError
 from ..image_folders import open_image_folder
 from ..reduction import NORMS
@@ -153,6 +153,10 @@ def is_torch_save_file(path: str) -> bool:
     return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
 
 
+# Failures of one rank's block that are the data's fault, as DistributedScoringError lists them.
+USER_DATA_ERRORS = ("DataError:", "SampleShapeError:", "UsageError:")
+
+
 class DataError(UsageError):
     """A UsageError raised while a batch is loaded, possibly in a DataLoader worker process.
 
@@ -257,6 +261,11 @@ def run(args: argparse.Namespace) -> int:
     except SampleShapeError as err:   # sizes that differ between batches (collate_images: within one)
         raise UsageError(f"the images have different sizes ({err}); pass --image-size N to resize every "
                          "image to N x N") from None
+    except DistributedScoringError as err:   # under torchrun: a rank's data error, reported to all
+        if err.failures and all(m.startswith(USER_DATA_ERRORS) for m in err.failures.values()):
+            rank, message = next(iter(err.failures.items()))
+            raise UsageError(f"rank {rank}: {message}") from None
+        raise
     if not is_main_process():
         return 0
     names = [name for name, _ in dataset.samples]
