@@ -35,10 +35,10 @@ BATCH = int(os.environ.get("BENCH_BATCH", 256 if ON_CUDA else 8))
 DTYPE = os.environ.get("BENCH_DTYPE", "fp32")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", 5))
 LOOP_SAMPLES = min(8, BATCH)
-# Largest relative error against the fp32 per-sample loop. fp32: a batched forward may take other
-# convolution algorithms than a single sample's, and on the real CIFAR ResNet-18 (width 64, CPU)
-# that alone moves a few samples' scores by 1.1-1.2e-4 (bench/results/cpu-2core.md), for every
-# batched method alike; a wrong norm is off by far more than 1e-3.
+# Largest relative error against the float64 per-sample loop. fp32: a batched forward may take
+# other convolution algorithms than a single sample's, and on the real CIFAR ResNet-18 (width 64,
+# CPU) a few samples' batched fp32 scores land 1.1-1.2e-4 from float64 (bench/results/cpu-2core.md)
+# for every batched method alike (the fp32 batch-1 loop ~1e-7); a wrong norm is off by far more.
 TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 5e-2}[DTYPE]
 
 

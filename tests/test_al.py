@@ -238,8 +238,12 @@ def test_bad_picks_are_refused_and_change_nothing(pool_size, data):
         picked = labeled[:1]
     else:
         picked = torch.tensor([pool_size + data.draw(st.integers(0, 5))])
-    with pytest.raises(RuntimeError):
+    before = (labeled.clone(), unlabeled.clone())
+    message = {"repeat": "more than once", "labeled": "not in the unlabeled pool",
+               "outside": "not in the unlabeled pool"}[bad]
+    with pytest.raises(RuntimeError, match=message):
         apply_query(labeled, unlabeled, picked)
+    assert torch.equal(labeled, before[0]) and torch.equal(unlabeled, before[1])
 
 
 def test_checkpoints_and_results_are_written_atomically(tmp_path, digits):
@@ -287,10 +291,22 @@ def test_a_cut_results_file_is_named_and_a_resume_rebuilds_it(tmp_path, digits):
     assert read_results(str(tmp_path)) == json.loads(json.dumps(records))
 
 
-def test_the_gradnorm_query_can_take_the_reference_codes_clamped_entropy(tmp_path, digits):
+def test_the_gradnorm_query_can_take_the_reference_codes_clamped_entropy(tmp_path, digits, monkeypatch):
+    import gradnorm_engine.strategies.ent_gradnorm as ent_gradnorm
+
+    asked = []
+    real = ent_gradnorm.rank_unlabeled
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["score"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ent_gradnorm, "rank_unlabeled", spy)
     plain = run_active_learning(_config(tmp_path / "a", ["ent-gradnorm"]), data=digits, log=None)
+    assert asked == ["entropy"] * 2
     clamped = run_active_learning(_config(tmp_path / "b", ["ent-gradnorm"], score="categorical_entropy"),
                                   data=digits, log=None)
+    assert asked[2:] == ["categorical_entropy"] * 2   # the query itself takes the loss, not only the record
     assert [r["score"] for r in clamped] == ["categorical_entropy"] * 2
     assert [r["labeled"] for r in clamped] == [r["labeled"] for r in plain]
     with pytest.raises(UsageError, match="score"):   # a resume keeps the run's loss

@@ -30,6 +30,9 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     return model, make_input(9)
 
 
+# A hooks rule that disagreed with the loop would hand the job to the exact fallback with a
+# warning, and the scores would still match: here that warning fails the test instead.
+@pytest.mark.filterwarnings("error::gradnorm_engine.backends.hooks.HooksFallbackWarning")
 @pytest.mark.parametrize("backend", FAST_BACKENDS + ["loop"])
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_backend_matches_float64_loop(name, backend):
@@ -352,3 +355,20 @@ def test_a_cpu_allocation_failure_counts_as_out_of_memory():
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't "
                                          "allocate memory: you tried to allocate 123 bytes."))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_tensor_sum_is_the_reference_codes_sum_of_per_tensor_norms():
+    """Independent of the engine's reduction: one backward per sample, then sum over parameter
+    tensors of each gradient's L2 norm, as the public LPLgrad code computes it."""
+    model, x = _model("bn_dropout_residual_cnn")
+    model.eval()
+    want = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        p = torch.softmax(model(x[i : i + 1]), dim=-1)
+        (-(p * p.log()).sum()).backward()
+        want.append(sum(float(q.grad.double().norm()) for q in model.parameters() if q.grad is not None))
+    model.zero_grad(set_to_none=True)
+    for backend in BACKENDS:
+        got = score_pool(model, [x], norm="tensor_sum", backend=backend, progress=False)
+        assert max_rel_err(got, torch.tensor(want)) <= 1e-5, backend

@@ -380,6 +380,16 @@ def test_ties_across_blocks_break_by_lower_position(ranks, reference):
         assert_same(results["rank_all"], reference["rank_all"], "full ranking")
 
 
+def test_broadcast_gives_every_rank_rank0s_weights_and_buffers(ranks):
+    want = replica_with_drift().state_dict()   # rank 0's replica: no drift (built here, no group)
+    for r, results in enumerate(ranks):
+        got = results["broadcast"]
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.equal(got[name], want[name]), f"rank {r}: {name}"
+    assert [results["main_process"] for results in ranks] == [True] + [False] * (len(ranks) - 1)
+
+
 def test_ddp_wrapped_model_scores_its_module(ranks, reference):
     for results in ranks:
         assert_same(results["rank_ddp"], reference["rank_k"], "DDP-wrapped model")

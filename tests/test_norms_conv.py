@@ -119,9 +119,10 @@ def test_cost_model_picks_gram_for_a_late_resnet_layer():
     layer = nn.Conv2d(32, 32, 3, padding=1, bias=False).double()
     x = torch.randn(2, 32, 2, 2, dtype=torch.float64)   # T = 4 positions, p*d = 32*288
     g = torch.randn(2, 32, 2, 2, dtype=torch.float64)
+    assert math.prod(g.shape[2:]) * (32 + 288) < 32 * 288
+    assert choose_conv_form(layer, x.shape, g.shape) == "gram"
     expected = conv_weight_sqnorm(layer, x, g, form="materialise")
     torch.testing.assert_close(conv_weight_sqnorm(layer, x, g), expected)
-    assert math.prod(g.shape[2:]) * (32 + 288) < 32 * 288
 
 
 @pytest.mark.parametrize("stride, dilation, groups", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (2, 2, 3)])

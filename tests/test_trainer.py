@@ -52,6 +52,24 @@ def test_joint_training_odd_batches_and_ranking_loss(digits):
     assert all(math.isfinite(v) for v in stats.history)
 
 
+def test_the_training_defaults_are_the_methods():
+    """method.md: SGD momentum 0.9, weight decay 5e-4, batch 128; total = mean CE + 1 * L_pair
+    with margin 1 (the ranking loss itself is checked by hand in test_lossnet.py)."""
+    config = TrainConfig(epochs=1, lr=0.1)
+    assert (config.momentum, config.weight_decay, config.batch_size) == (0.9, 5e-4, 128)
+    assert (config.loss_weight, config.margin) == (1.0, 1.0)
+
+
+def test_the_ranking_term_uses_the_configured_margin(digits):
+    """The same data and seeds, margins 1 and 0: the hinge max(0, -s*d + margin) differs."""
+    ranking = []
+    for margin in (1.0, 0.0):
+        config = TrainConfig(epochs=1, lr=0.05, batch_size=8, margin=margin, progress=False)
+        _, _, stats = _fit(digits, torch.arange(16), config, with_lossnet=True)
+        ranking.append(stats.final_ranking)
+    assert ranking[0] > ranking[1] >= 0.0
+
+
 def test_detached_features_leave_the_main_model_as_in_ce_training(digits):
     """From detach_epoch 0 LossNet cannot shape f: f's weights equal CE-only training exactly."""
     idx = torch.arange(40)
