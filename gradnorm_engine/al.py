@@ -269,6 +269,17 @@ def _fresh_models(data: ALDataset, preset: Preset, factory: ModelFactory, seed: 
     return model, lossnet
 
 
+def _check_lossnet_fits(data: ALDataset, preset: Preset, factory: ModelFactory, needing: list[str]) -> None:
+    """Refuse LossNet strategies on a model without stage outputs before any strategy has run."""
+    if not needing:
+        return
+    with torch.random.fork_rng(devices=[]):
+        model = factory(data, preset)
+    if not has_stage_taps(model):
+        raise UsageError(f"{type(model).__name__} exposes no stage outputs, which LossNet needs for "
+                         f"{', '.join(needing)}; drop those strategies or use a ResNet model")
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -449,6 +460,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
     train_config = TrainConfig(epochs=p.epochs, lr=p.lr, milestones=p.milestones, batch_size=p.batch_size,
                                detach_epoch=p.resolved_detach_epoch(), progress=progress)
 
+    _check_lossnet_fits(data, p, model_factory, [n for n, s in strategies.items() if s.uses_lossnet])
     for trial in range(1, p.trials + 1):
         for name, strategy in strategies.items():
             path = checkpoint_path(config.out, name, trial)

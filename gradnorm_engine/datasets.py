@@ -25,7 +25,9 @@ Names:
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
@@ -161,29 +163,50 @@ def _from_arrays(data: np.ndarray, labels, *, channels_last: bool) -> tuple[torc
     return images, torch.as_tensor(np.asarray(labels), dtype=torch.int64)
 
 
-def _torchvision(name: str, root: str, download: bool) -> ALDataset:
-    import torchvision.datasets as tvd
+# Seconds a download may wait on a silent server before it gives up (torchvision sets none).
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
     try:
-        if name in ("cifar10", "cifar100"):
-            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-            tr = cls(root, train=True, download=download)
-            te = cls(root, train=False, download=download)
-            train = _from_arrays(tr.data, tr.targets, channels_last=True)
-            test = _from_arrays(te.data, te.targets, channels_last=True)
-            classes, mean, std, flip = list(tr.classes), torch.tensor(CIFAR_MEAN), torch.tensor(CIFAR_STD), True
-        else:  # svhn
-            tr = tvd.SVHN(root, split="train", download=download)
-            te = tvd.SVHN(root, split="test", download=download)
-            train = _from_arrays(tr.data, tr.labels, channels_last=False)
-            test = _from_arrays(te.data, te.labels, channels_last=False)
-            classes, flip = [str(i) for i in range(10)], False
-            mean, std = _stats(train[0])
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _torchvision(name: str, root: str, download: bool) -> ALDataset:
+    if download and os.path.exists(root) and not os.path.isdir(root):
+        raise UsageError(f"--data-root {root} is a file; point it at a folder to download {name} into")
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            return _read_torchvision(name, root, download)
     except RuntimeError as err:
         raise UsageError(f"{name} is not under {root} ({err}); pass --download to fetch it, "
                          f"or --data-root to point at the folder that holds it") from None
-    except OSError as err:  # includes URLError: offline or the mirror is unreachable
+    except OSError as err:  # includes URLError and timeouts: offline, or the mirror is unreachable
         raise UsageError(f"could not download {name} into {root} ({err}); fetch it elsewhere and "
                          f"point --data-root at it") from None
+
+
+def _read_torchvision(name: str, root: str, download: bool) -> ALDataset:
+    import torchvision.datasets as tvd
+    if name in ("cifar10", "cifar100"):
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        tr = cls(root, train=True, download=download)
+        te = cls(root, train=False, download=download)
+        train = _from_arrays(tr.data, tr.targets, channels_last=True)
+        test = _from_arrays(te.data, te.targets, channels_last=True)
+        classes, mean, std, flip = list(tr.classes), torch.tensor(CIFAR_MEAN), torch.tensor(CIFAR_STD), True
+    else:  # svhn
+        tr = tvd.SVHN(root, split="train", download=download)
+        te = tvd.SVHN(root, split="test", download=download)
+        train = _from_arrays(tr.data, tr.labels, channels_last=False)
+        test = _from_arrays(te.data, te.labels, channels_last=False)
+        classes, flip = [str(i) for i in range(10)], False
+        mean, std = _stats(train[0])
     return ALDataset(name, ImageTensors(*train, mean, std, 4, flip), ImageTensors(*test, mean, std, 4, flip), classes)
 
 

@@ -79,12 +79,7 @@ class _HookTaps:
         if missing:
             raise ValueError(f"model has no submodule(s) {missing} to tap for LossNet")
         for name in self.names:
-            modules[name].register_forward_hook(self._hook(name))
-
-    def _hook(self, name: str):
-        def hook(_module, _inputs, output):
-            self.captured[name] = output
-        return hook
+            modules[name].register_forward_hook(_Capture(self, name))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self.captured = {}
@@ -92,6 +87,17 @@ class _HookTaps:
         features = [self.captured[n] for n in self.names]
         self.captured = {}
         return logits, features
+
+
+class _Capture:
+    """The forward hook of one tapped layer. An object rather than a closure: a deep copy of the
+    model copies it too, pointing at the copy's taps (a closure would keep feeding the original's)."""
+
+    def __init__(self, taps: _HookTaps, name: str):
+        self.taps, self.name = taps, name
+
+    def __call__(self, _module, _inputs, output):
+        self.taps.captured[self.name] = output
 
 
 def has_stage_taps(model: nn.Module) -> bool:

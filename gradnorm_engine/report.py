@@ -18,6 +18,7 @@ import statistics
 from collections import defaultdict
 
 from .al import read_results
+from .errors import UsageError
 
 CURVES = "curves.png"
 TIMES = "times.png"
@@ -33,7 +34,9 @@ def accuracy_by_size(records: list[dict]) -> dict[str, dict[int, list[float]]]:
     """strategy -> labeled size -> test accuracies (one per trial)."""
     table: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        table[r["strategy"]][int(r["labeled"])].append(float(r["test_acc"]))
+        acc = r.get("test_acc")
+        if isinstance(acc, (int, float)) and math.isfinite(acc):   # null/NaN (a hand-edited file): left out
+            table[r["strategy"]][int(r["labeled"])].append(float(acc))
     return table
 
 
@@ -174,11 +177,12 @@ def plot_per_class(records: list[dict], path: str) -> str:
 def write_report(run_dir: str, dest: str | None = None) -> dict[str, str]:
     """Figures and summary.md for the run in ``run_dir`` (written to ``dest``, default ``run_dir``)."""
     records = read_results(run_dir)
-    dest = dest or (run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir) or ".")
-    os.makedirs(dest, exist_ok=True)
     if not records:
-        from .errors import UsageError
         raise UsageError(f"{run_dir} has no records yet; let `gradnorm-engine al` finish a cycle first")
+    dest = dest or (run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir) or ".")
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise UsageError(f"--dest {dest} is a file, not a folder; choose a folder for the figures")
+    os.makedirs(dest, exist_ok=True)
     paths = {
         "curves": plot_curves(records, os.path.join(dest, CURVES)),
         "times": plot_times(records, os.path.join(dest, TIMES)),

@@ -179,6 +179,12 @@ def train(model: nn.Module, data: ImageTensors, indices: torch.Tensor, config: T
             count += len(batch)
         for s in schedulers:
             s.step()
+        # The last step of an epoch can break the weights after its own loss was finite.
+        for m in (model, lossnet):
+            if m is not None and not all(bool(torch.isfinite(p).all()) for p in m.parameters()):
+                raise TrainingDivergedError(
+                    f"training diverged: the weights hold NaN or Inf after epoch {epoch + 1} of {config.epochs} "
+                    f"(learning rate {config.lr:g}); lower the learning rate (--lr), or check the data for NaN/Inf")
         history.append(total_sum / count)
         last_ce = ce_sum / count
         last_rank = rank_sum / count if lossnet is not None else math.nan

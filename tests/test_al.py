@@ -338,3 +338,31 @@ def test_a_run_of_an_older_version_resumes_only_with_the_loss_it_used(tmp_path, 
                             data=digits, log=None)
     records = run_active_learning(_config(tmp_path, ["ent-gradnorm"], longer, resume=True), data=digits, log=None)
     assert [r["labeled"] for r in records] == [20, 30, 40]
+
+
+def test_a_lossnet_strategy_on_a_model_without_stages_is_refused_before_any_work(tmp_path, digits):
+    from gradnorm_engine.models import small_cnn
+
+    factory = lambda data, preset: small_cnn(num_classes=10, in_channels=1, width=4)  # noqa: E731
+    with pytest.raises(UsageError, match="stage outputs.*lplgrad, learning-loss"):
+        run_active_learning(_config(tmp_path, ["random", "lplgrad", "learning-loss"]), data=digits,
+                            model_factory=factory, log=None)
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_weights_broken_by_the_last_step_of_a_cycle_stop_the_run(tmp_path, digits, monkeypatch):
+    """The loss of every step was finite, but the last step left NaN weights."""
+    from gradnorm_engine.errors import TrainingDivergedError
+
+    real_step = torch.optim.SGD.step
+
+    def poisoning_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoning_step)
+    one_batch = Preset(**{**TINY.__dict__, "batch_size": 32})   # 20 samples: one step per epoch
+    with pytest.raises(TrainingDivergedError, match="weights hold NaN or Inf after epoch 1"):
+        run_active_learning(_config(tmp_path, ["entropy"], one_batch), data=digits, log=None)

@@ -137,3 +137,31 @@ def test_folder_with_two_splits_and_no_root_names_train_root(tmp_path):
     with pytest.raises(UsageError, match="--train-root") as err:
         load_dataset("folder", path=str(tmp_path / "pool"))
     assert "--root " not in str(err.value)
+
+
+def test_a_download_from_a_silent_server_gives_up_with_one_line(tmp_path, monkeypatch):
+    """A server that accepts and never answers (here through a proxy): bounded, not a hang."""
+    import socket
+    import threading
+    import time
+
+    import gradnorm_engine.datasets as datasets
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+    proxy = f"http://127.0.0.1:{server.getsockname()[1]}"
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, proxy)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.setattr(datasets, "DOWNLOAD_TIMEOUT_S", 0.5)
+    start = time.monotonic()
+    try:
+        with pytest.raises(UsageError, match="could not download cifar10"):
+            datasets.load_dataset("cifar10", root=str(tmp_path / "data"), download=True)
+    finally:
+        server.close()
+    assert time.monotonic() - start < 30

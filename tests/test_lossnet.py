@@ -102,3 +102,20 @@ def test_ranking_loss_gradient_does_not_reach_the_target():
 def test_ranking_loss_matches_reference_on_random_batches(b):
     pred, target = torch.randn(b, dtype=torch.float64), torch.randn(b, dtype=torch.float64)
     assert ranking_loss(pred, target).item() == pytest.approx(ranking_loss_reference(pred.tolist(), target.tolist()))
+
+
+def test_taps_of_a_deep_copied_torchvision_resnet_feed_the_copy():
+    import copy
+
+    import torchvision
+
+    from gradnorm_engine.lossnet import stage_taps
+
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18(num_classes=3).eval()
+    stage_taps(original)(torch.randn(1, 3, 32, 32))
+    twin = copy.deepcopy(original)
+    x = torch.randn(2, 3, 32, 32)
+    logits, features = stage_taps(twin)(x)
+    assert [f.shape[1] for f in features] == [64, 128, 256, 512]
+    torch.testing.assert_close(stage_taps(original)(x)[1][3], features[3])

@@ -51,3 +51,21 @@ def test_write_report_writes_figures_and_summary(tmp_path):
     assert open(paths["curves"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     summary = open(paths["summary"]).read()
     assert "| lplgrad (2) | 52.0 ± 2.8 | 72.0 ± 2.8 |" in summary and "![learning curves](curves.png)" in summary
+
+
+def test_missing_accuracies_are_left_out_and_a_file_dest_is_refused(tmp_path):
+    import json
+
+    from gradnorm_engine.errors import UsageError
+    from gradnorm_engine.report import accuracy_by_size, write_report
+
+    records = [{"strategy": "random", "trial": t, "cycle": 1, "labeled": 20, "test_acc": acc,
+                "per_class_acc": [50.0] * 3, "train_s": 1.0, "query_s": 0.1} for t, acc in ((1, 40.0), (2, None))]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert accuracy_by_size(records)["random"][20] == [40.0]
+    assert write_report(str(run))["summary"].endswith("summary.md")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UsageError, match="is a file"):
+        write_report(str(run), str(tmp_path / "afile"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-INSTALL_HINT = 'pip install "gradnorm-engine[integrations]"'
+INSTALL_HINT = 'pip install -e ".[integrations]" (from the gradnorm-engine checkout)'
 
 
 def require(module: str, *, distribution: str, adapter: str) -> ModuleType:

@@ -5,10 +5,10 @@ from gradnorm_engine.integrations._requirements import INSTALL_HINT, require
 
 
 def test_missing_library_names_the_extra():
-    with pytest.raises(ImportError, match=r'gradnorm-engine\[integrations\]') as info:
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[integrations\]"') as info:
         require("no_such_al_library_xyz", distribution="no-such-al-library", adapter="baal")
     assert "gradnorm_engine.integrations.baal needs no-such-al-library" in str(info.value)
-    assert INSTALL_HINT == 'pip install "gradnorm-engine[integrations]"'
+    assert INSTALL_HINT in str(info.value)   # the README's install command, from the checkout
 
 
 def test_present_library_is_returned():
