@@ -75,6 +75,10 @@ class CifarResNet(nn.Module):
 
 
 def cifar_resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> CifarResNet:
+    """The paper's CIFAR ResNet-18 (3x3 stem, no max-pool); ``width`` 64 is the paper's model."""
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels), ("width", width)):
+        if value < 1:
+            raise ValueError(f"cifar_resnet18: {name} must be at least 1, got {value}")
     return CifarResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width)
 
 

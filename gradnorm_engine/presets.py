@@ -82,7 +82,14 @@ def get_preset(dataset: str, name: str = "quick", **overrides) -> Preset:
         raise ValueError(f"unknown preset fields {sorted(unknown)}")
     base = table[dataset]
     if "milestones" in changes:
-        changes["milestones"] = tuple(changes["milestones"])
+        if isinstance(changes["milestones"], str):
+            raise TypeError(f"milestones take a sequence of epochs, e.g. (80,), got the string {changes['milestones']!r}")
+        changes["milestones"] = tuple(int(m) for m in changes["milestones"])
+    for key in ("initial", "budget", "subset", "cycles", "trials", "epochs", "batch_size", "width"):
+        if key in changes and changes[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {changes[key]}")
+    if "lr" in changes and not changes["lr"] > 0:
+        raise UsageError(f"--lr must be a positive number, got {changes['lr']}")
     if "epochs" in changes and changes["epochs"] != base.epochs:
         # Keep the schedule's shape when only the length changes: milestones and the detach
         # epoch scale with the epoch count.

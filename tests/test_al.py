@@ -279,6 +279,13 @@ def test_paper_and_quick_presets():
     assert get_preset("digits", "quick", budget=7).budget == 7
     with pytest.raises(UsageError, match="unknown preset"):
         get_preset("digits", "fast")
+    for bad, message in (({"epochs": 0}, "--epochs must be at least 1"), ({"lr": -1.0}, "--lr must be a positive"),
+                         ({"width": 0}, "--width must be at least 1"), ({"batch_size": 0}, "--batch-size")):
+        with pytest.raises(UsageError, match=message):
+            get_preset("digits", "quick", **bad)
+    with pytest.raises(TypeError, match="sequence of epochs"):
+        get_preset("digits", "quick", milestones="16")
+    assert get_preset("digits", "quick", milestones=["16"]).milestones == (16,)
 
 
 def test_a_cut_results_file_is_named_and_a_resume_rebuilds_it(tmp_path, digits):
