@@ -24,6 +24,15 @@ def zip_folder(folder, zip_path, prefix="data/train"):
     return zip_path
 
 
+def two_split_zip(folder, zip_path, prefix=""):
+    """The class folders of ``folder`` twice, under <prefix>train/ and <prefix>test/."""
+    with zipfile.ZipFile(zip_path, "w") as z:
+        for split in ("train", "test"):
+            for p in sorted(folder.rglob("*.png")):
+                z.write(p, f"{prefix}{split}/{p.relative_to(folder)}")
+    return zip_path
+
+
 def test_zip_and_directory_agree(tmp_path):
     folder = make_folder(tmp_path / "pool")
     zpath = zip_folder(folder, tmp_path / "pool.zip")
@@ -37,12 +46,7 @@ def test_zip_and_directory_agree(tmp_path):
 
 
 def test_zip_with_several_roots_asks_for_one(tmp_path):
-    folder = make_folder(tmp_path / "pool")
-    zpath = tmp_path / "two.zip"
-    with zipfile.ZipFile(zpath, "w") as z:
-        for split in ("train", "test"):
-            for p in sorted(folder.rglob("*.png")):
-                z.write(p, f"c/{split}/{p.relative_to(folder)}")
+    zpath = two_split_zip(make_folder(tmp_path / "pool"), tmp_path / "two.zip", "c/")
     with pytest.raises(UsageError, match="root"):
         open_image_folder(str(zpath))
     assert len(open_image_folder(str(zpath), root="c/test")) == 6
@@ -83,12 +87,7 @@ def test_macos_resource_forks_and_hidden_entries_are_skipped_in_zips_and_folders
 
 
 def test_several_roots_message_names_the_callers_option(tmp_path):
-    folder = make_folder(tmp_path / "pool")
-    zpath = tmp_path / "two.zip"
-    with zipfile.ZipFile(zpath, "w") as z:
-        for split in ("train", "test"):
-            for p in sorted(folder.rglob("*.png")):
-                z.write(p, f"{split}/{p.relative_to(folder)}")
+    zpath = two_split_zip(make_folder(tmp_path / "pool"), tmp_path / "two.zip")
     with pytest.raises(UsageError, match=r"\(test, train\).*--root") as err:
         open_image_folder(str(zpath))
     assert "\n" not in str(err.value)
