@@ -10,6 +10,7 @@ score vector.
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from .backends import Backend, resolve_backend
 from .distributed import rank_unlabeled_sharded, score_pool_sharded, use_sharding
 from .errors import SampleShapeError
-from .inputs import extract_input
+from .inputs import IgnoredInputWarning, extract_input, unused_model_inputs
 from .job import ScoringJob, eval_mode, make_job, on_device
 from .loaders import batch_size_hint, check_pool_loader, pool_length
 from .memory import is_out_of_memory
@@ -177,6 +178,17 @@ class _ChunkStream:
         return head.clone() if head.storage_offset() else head
 
 
+def _warn_unused_inputs(batch, input_key) -> None:
+    unused = unused_model_inputs(batch, input_key)
+    if unused:
+        warnings.warn(
+            f"the loader's batches hold {', '.join(unused)}, which the engine does not pass to the model: it calls "
+            "the model with the one input tensor, so the scores are those of the model without "
+            f"{'it' if len(unused) == 1 else 'them'}. To score with them, let the dataset yield one tensor "
+            "holding all inputs (e.g. ids and mask stacked) and wrap the model in a module whose forward splits it",
+            IgnoredInputWarning, stacklevel=4)
+
+
 def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, *, input_key, norm, progress) -> torch.Tensor:
     total = pool_length(loader)
     bar = tqdm(total=total, unit="sample", unit_scale=True, desc=f"gradnorm ({engine.name})",
@@ -206,6 +218,8 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, *, input_
 
     try:
         for batch in loader:
+            if seen == 0:
+                _warn_unused_inputs(batch, input_key)
             x = extract_input(batch, input_key)
             stream.push(x.to(job.device, non_blocking=True), seen)
             seen += x.shape[0]

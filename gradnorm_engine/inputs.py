@@ -7,6 +7,21 @@ from typing import Any, Callable
 import torch
 
 DEFAULT_INPUT_KEYS = ("image", "input", "x", "pixel_values")
+# Entries of a mapping batch that are further model inputs, not labels: the engine passes the
+# model one tensor, so a batch holding one of these is scored without it (see unused_model_inputs).
+AUXILIARY_INPUT_KEYS = ("attention_mask", "token_type_ids", "position_ids", "pixel_mask", "mask",
+                        "padding_mask", "key_padding_mask")
+
+
+class IgnoredInputWarning(UserWarning):
+    """A loader batch holds a further model input (an attention mask) that the engine does not pass."""
+
+
+def unused_model_inputs(batch: Any, input_key: str | None = None) -> list[str]:
+    """Keys of a mapping batch that look like further model inputs (``AUXILIARY_INPUT_KEYS``)."""
+    if not isinstance(batch, Mapping):
+        return []
+    return [k for k in AUXILIARY_INPUT_KEYS if k in batch and k != input_key and isinstance(batch[k], torch.Tensor)]
 
 
 def extract_input(batch: Any, input_key: str | None = None) -> torch.Tensor:
@@ -75,9 +90,12 @@ def resolve_logits_fn(logits_fn: Callable[[Any], torch.Tensor] | None) -> Callab
 def check_logits(logits, batch: int) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        hint = ("; the engine scores chunks of any size, one sample included (vmap and the loop always run "
+                "one sample at a time): does the model squeeze the batch dim away (squeeze() rather than "
+                "squeeze(-1))?" if batch == 1 and isinstance(logits, torch.Tensor) and logits.dim() == 1 else "")
         raise ValueError(
             f"logits must be a [B, C] tensor with B = {batch} (the batch), got {shape}; "
-            "pass logits_fn= to map the model output to per-sample class logits"
+            f"pass logits_fn= to map the model output to per-sample class logits{hint}"
         )
     return logits
 

@@ -68,7 +68,8 @@ def select_params(model: nn.Module, params: Iterable | None) -> list[tuple[str, 
                         "params takes a list of parameters or of their names, got one tensor; pass params=[p]")
     else:
         wanted = list(params)
-        by_name = dict(named)
+        # tied weights: every alias names the one parameter (named_parameters lists it once)
+        by_name = dict(model.named_parameters(remove_duplicate=False))
         ids = set()
         for w in wanted:
             if isinstance(w, str):

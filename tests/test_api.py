@@ -372,3 +372,77 @@ def test_tensor_sum_is_the_reference_codes_sum_of_per_tensor_norms():
     for backend in BACKENDS:
         got = score_pool(model, [x], norm="tensor_sum", backend=backend, progress=False)
         assert max_rel_err(got, torch.tensor(want)) <= 1e-5, backend
+
+
+def test_a_batch_holding_an_attention_mask_warns_that_the_mask_is_not_passed():
+    from gradnorm_engine.inputs import IgnoredInputWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    ids = torch.randint(0, 10, (5, 3))
+    batch = {"input_ids": ids, "attention_mask": torch.ones(5, 3), "labels": torch.zeros(5)}
+    with pytest.warns(IgnoredInputWarning, match="attention_mask"):
+        got = score_pool(model, [batch], input_key="input_ids", progress=False)
+    assert torch.equal(got, score_pool(model, [ids], progress=False))
+
+
+def test_a_model_that_squeezes_a_one_sample_chunk_gets_a_hint():
+    class Squeezing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x).squeeze()
+
+    with pytest.raises(ValueError, match="squeeze the batch dim"):
+        score_pool(Squeezing(), [torch.randn(5, 4)], chunk_size=4, backend="hooks", progress=False)
+
+
+def test_a_tied_weights_alias_names_the_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    model[2].weight = model[0].weight
+    x = torch.randn(3, 4)
+    assert torch.equal(score_pool(model, [x], params=["2.weight"], progress=False),
+                       score_pool(model, [x], params=["0.weight"], progress=False))
+
+
+def test_hooks_with_autocast_on_a_batchnorm_model_that_needs_the_fallback():
+    """vmap refuses BatchNorm under autocast; the hooks backend's exact fallback then runs the loop."""
+    torch.manual_seed(0)
+
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+            self.temperature = nn.Parameter(torch.tensor([1.5]))   # bare: the fallback scores it
+
+        def forward(self, x):
+            return self.body(x) / self.temperature
+
+    model = Tempered().eval()
+    x = torch.randn(4, 3, 6, 6)
+    for backend in ("hooks", "auto"):
+        got = score_pool(model, [x], backend=backend, autocast="bf16", progress=False)
+        assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
+        want = score_pool(model, [x], backend="loop", autocast="bf16", progress=False)
+        assert max_rel_err(got, want) <= 0.05
+
+
+def test_vmap_names_a_forward_that_updates_a_buffer():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x)
+
+    model, x = Counting(), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="updates a buffer .* backend='hooks'"):
+        score_pool(model, [x], backend="vmap", progress=False)
+    assert max_rel_err(score_pool(model, [x], backend="hooks", progress=False),
+                       score_pool(model, [x], backend="loop", progress=False)) <= 1e-6

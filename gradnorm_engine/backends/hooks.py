@@ -414,7 +414,8 @@ class _ExactFallback(Backend):
 
     def __init__(self, job):
         super().__init__(job)
-        self.engine: Backend = VmapBackend(job)
+        # vmap refuses some jobs up front (BatchNorm under autocast): those start on the loop
+        self.engine: Backend = VmapBackend(job) if VmapBackend.supports(job) else LoopBackend(job)
         self.piece: int | None = None
 
     def sqnorms(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,15 @@ class VmapBackend(Backend):
 
     def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
         measured = {n: p.detach() for n, p in self.job.params}
-        with self.job.autocast_context():
-            grads = self.per_sample_grad(measured, x)      # {name: [B, *param.shape]}
+        try:
+            with self.job.autocast_context():
+                grads = self.per_sample_grad(measured, x)      # {name: [B, *param.shape]}
+        except RuntimeError as err:
+            if "mutate a captured Tensor" not in str(err):
+                raise
+            raise RuntimeError(
+                "backend='vmap' cannot run this model: its forward updates a buffer or another tensor in "
+                "place (a call counter, a cache), which torch.func's transforms refuse; use backend='hooks' "
+                "(or 'auto') or 'loop'") from err
         out = per_sample_sumsq([grads[n] for n in self.names], per_tensor=True)  # [B, P]
         return out.to(self.job.accum_dtype)
