@@ -15,26 +15,19 @@ strategy of a trial):
 Every cycle, the last included, ends with its query, so a run resumed with more cycles goes on
 from the saved L and U as if it had never stopped.
 
-Files in ``out``:
-    config.json                  the settings (a resume must match them)
-    results.jsonl                one JSON object per (strategy, trial, cycle)
-    checkpoints/<strategy>/trial<t>.pt   weights, L, U, random-number states, the run's records
-A checkpoint is written (temp file + ``os.replace``) before results.jsonl, which is rebuilt from
-the checkpoints; a run killed at any moment loses at most the cycle in progress.
+The files in ``out`` are gradnorm_engine.run_folder's. A checkpoint is written before
+results.jsonl, which is rebuilt from the checkpoints; a run killed at any moment loses at most
+the cycle in progress.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import re
-import tempfile
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -46,13 +39,11 @@ from .errors import UsageError
 from .lossnet import LossNet, has_stage_taps, lossnet_for
 from .models import cifar_resnet18
 from .presets import Preset
+from .run_folder import (CONFIG, RESULTS, atomic_torch_save, atomic_write_bytes, check_checkpoints_cover_results,
+                         checkpoint_path, load_all_records, load_checkpoint, make_out_folder, write_results)
 from .strategies import STRATEGIES, QueryContext, make_strategy
 from .trainer import TrainConfig, evaluate, place_split, resolve_device, train
 
-RESULTS = "results.jsonl"
-CONFIG = "config.json"
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_NAME = re.compile(r"trial(\d+)\.pt")
 
 # Settings a resumed run must share with the run it continues; cycles, trials and the
 # strategy list may grow.
@@ -140,99 +131,6 @@ def check_partition(labeled: torch.Tensor, unlabeled: torch.Tensor, pool_size: i
     both = torch.cat([labeled, unlabeled])
     if both.numel() != pool_size or not torch.equal(both.sort().values, torch.arange(pool_size)):
         raise RuntimeError("labeled and unlabeled indices no longer partition the pool")
-
-
-# ---------------------------------------------------------------------------------------------
-# Files
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so a reader (or a crash) sees the old file or the new one, never half."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        os.fchmod(fd, _new_file_mode())   # mkstemp makes 0600; run files are as readable as any other
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _new_file_mode() -> int:
-    """The mode open() gives a new file: 0666 less the process umask."""
-    return 0o666 & ~_process_umask()
-
-
-def _process_umask() -> int:
-    """The umask, read without changing it (setting it, even for a moment, races with other
-    threads creating files); where /proc does not say, the umask at import."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return _UMASK_AT_IMPORT
-
-
-def _read_umask_once() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK_AT_IMPORT = _read_umask_once()
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _json_safe(value):
-    """NaN/Inf are not JSON; they become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
-
-
-def write_results(out: str, records: list[dict]) -> None:
-    lines = "".join(json.dumps(_json_safe(r)) + "\n" for r in records)
-    atomic_write_bytes(os.path.join(out, RESULTS), lines.encode())
-
-
-def read_results(out: str) -> list[dict]:
-    """All records of ``out/results.jsonl`` (``out`` may also be the file itself)."""
-    path = out if out.endswith(".jsonl") else os.path.join(out, RESULTS)
-    if not os.path.isfile(path):
-        raise UsageError(f"{path} does not exist; run `gradnorm-engine al --out DIR` first")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise UsageError(f"{path} line {number} is not a JSON record ({err.msg}); the file was "
-                                     "cut or edited: `gradnorm-engine al --resume` rewrites it from the "
-                                     "checkpoints") from err
-    return records
-
-
-def checkpoint_path(out: str, strategy: str, trial: int) -> str:
-    return os.path.join(out, CHECKPOINTS, strategy, f"trial{trial}.pt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +239,7 @@ def _prepare_out(config: ALConfig, data: ALDataset) -> None:
     if exists and not config.resume:
         raise UsageError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
     if config.resume:
-        _check_checkpoints_cover_results(config.out)
+        check_checkpoints_cover_results(config.out)
     if config.resume and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
@@ -360,60 +258,6 @@ def _prepare_out(config: ALConfig, data: ALDataset) -> None:
         settings["trials"] = max(saved.get("trials", 0), settings["trials"])
         settings["cycles"] = max(saved.get("cycles", 0), settings["cycles"])
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
-
-
-def make_out_folder(out: str) -> None:
-    """Create the run folder ``out``, or raise UsageError saying why it cannot be one."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} is a file, not a folder; choose a folder for the run")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create the --out folder {out} ({err.strerror or err}); choose a folder "
-                         "you can write to") from err
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write into the --out folder {out}; choose a folder you can write to")
-
-
-def _check_checkpoints_cover_results(out: str) -> None:
-    """A resume continues from the checkpoints: results.jsonl records without one cannot go on
-    (and rebuilding results.jsonl from the checkpoints would drop them)."""
-    if not os.path.isfile(os.path.join(out, RESULTS)):
-        return
-    try:
-        runs = {(r.get("strategy"), r.get("trial")) for r in read_results(out)}
-    except UsageError:
-        return   # a cut results.jsonl: the resume rebuilds it from the checkpoints
-    missing = sorted((s, t) for s, t in runs if not os.path.isfile(checkpoint_path(out, str(s), int(t))))
-    if missing:
-        shown = ", ".join(f"{s} trial {t}" for s, t in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise UsageError(
-            f"--resume: {out}/results.jsonl holds records of {shown}, but their checkpoints "
-            f"({out}/{CHECKPOINTS}/<strategy>/trial<t>.pt) are missing, and a run continues from its "
-            "checkpoint; restore the checkpoints folder, or start a new run in another --out")
-
-
-def _load_checkpoint(path: str) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
-
-
-def _load_all_records(out: str) -> dict[tuple[str, int], list[dict]]:
-    """Records of every run that has a checkpoint (the checkpoints are the source of truth).
-    Anything else in checkpoints/ (a .DS_Store, a backup copy) is left alone."""
-    found: dict[tuple[str, int], list[dict]] = {}
-    root = os.path.join(out, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return found
-    for strategy in sorted(os.listdir(root)):
-        folder = os.path.join(root, strategy)
-        if not os.path.isdir(folder):
-            continue
-        for name in sorted(os.listdir(folder)):
-            match = CHECKPOINT_NAME.fullmatch(name)
-            if match:
-                state = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=False)
-                found[(strategy, int(match.group(1)))] = state["records"]
-    return found
 
 
 def _ordered_records(all_records: dict[tuple[str, int], list[dict]], strategy_order: list[str]) -> list[dict]:
@@ -454,7 +298,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
     on_main_process(lambda: _prepare_out(config, data))
     train_split = place_split(data.train, device)
     test_split = place_split(data.test, device)
-    all_records = on_main_process(lambda: _load_all_records(config.out)) if config.resume else {}
+    all_records = on_main_process(lambda: load_all_records(config.out)) if config.resume else {}
     hook = hook or (lambda _event, _info: None)
     p = config.preset
     train_config = TrainConfig(epochs=p.epochs, lr=p.lr, milestones=p.milestones, batch_size=p.batch_size,
@@ -466,7 +310,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
             path = checkpoint_path(config.out, name, trial)
             init_seed = derive_seed(config.seed, trial, "init")
             model, lossnet = _fresh_models(data, p, model_factory, init_seed, strategy.uses_lossnet, device)
-            state = on_main_process(lambda: _load_checkpoint(path)) if config.resume else None
+            state = on_main_process(lambda: load_checkpoint(path)) if config.resume else None
             if state is not None:
                 model.load_state_dict(state["model"])
                 if lossnet is not None:

@@ -17,7 +17,7 @@ import os
 import statistics
 from collections import defaultdict
 
-from .al import read_results
+from .run_folder import read_results
 from .errors import UsageError
 
 CURVES = "curves.png"

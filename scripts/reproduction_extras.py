@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gradnorm_engine import score_pool  # noqa: E402
-from gradnorm_engine.al import read_results  # noqa: E402
+from gradnorm_engine.run_folder import read_results  # noqa: E402
 from gradnorm_engine.datasets import load_dataset  # noqa: E402
 from gradnorm_engine.models import cifar_resnet18  # noqa: E402
 

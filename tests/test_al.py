@@ -6,11 +6,11 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from gradnorm_engine.al import (ALConfig, apply_query, check_partition, checkpoint_path, draw_subset, initial_split,
-                                read_results, run_active_learning)
+from gradnorm_engine.al import ALConfig, apply_query, check_partition, draw_subset, initial_split, run_active_learning
 from gradnorm_engine.datasets import load_digits
 from gradnorm_engine.errors import UsageError
 from gradnorm_engine.presets import Preset
+from gradnorm_engine.run_folder import checkpoint_path, read_results
 from gradnorm_engine.strategies import STRATEGIES
 
 
@@ -323,7 +323,7 @@ def test_the_gradnorm_query_can_take_the_reference_codes_clamped_entropy(tmp_pat
 
 
 def test_file_mode_follows_the_umask_without_touching_it():
-    from gradnorm_engine.al import _new_file_mode
+    from gradnorm_engine.run_folder import _new_file_mode
 
     old = os.umask(0o027)
     try:

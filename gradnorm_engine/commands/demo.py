@@ -19,7 +19,8 @@ from dataclasses import replace
 import torch
 from torch.utils.data import DataLoader
 
-from ..al import CHECKPOINTS, CONFIG, RESULTS, ALConfig, make_out_folder, run_active_learning, validate
+from ..al import ALConfig, run_active_learning, validate
+from ..run_folder import CHECKPOINTS, CONFIG, RESULTS, make_out_folder
 from ..api import rank_unlabeled, score_pool
 from ..backends import BACKENDS
 from ..datasets import load_digits

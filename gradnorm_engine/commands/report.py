@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..al import read_results
+from ..run_folder import read_results
 from ..report import accuracy_table, write_report
 
 HELP = "learning curves, accuracy table, timings and per-class accuracy from an al run folder"
