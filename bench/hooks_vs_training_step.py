@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                 times["loop"].append(timed(run_loop, device))
     load_after = os.getloadavg()
 
-    samples = {"fwd+bwd": args.batch, "hooks": args.batch, "loop": args.loop_samples}
+    samples = {"fwd+bwd": args.batch, "hooks": args.batch, "loop": min(args.loop_samples, args.batch)}
     rate = {k: (samples[k] / statistics.median(w for w, _, _ in v), samples[k] / min(w for w, _, _ in v),
                 samples[k] / statistics.median(c for _, c, _ in v)) for k, v in times.items()}
     peak = {k: max(m for _, _, m in v) / 2**30 for k, v in times.items()}

@@ -145,6 +145,15 @@ def opacus_method(ctx: MethodContext) -> Method:
     except ImportError:
         raise MethodUnavailable("opacus is not installed (pip install opacus)") from None
     model = copy.deepcopy(ctx.model)
+    # Opacus records activations only in train mode; there, BatchNorm and Dropout would compute
+    # another function than the eval-mode model every other row scores.
+    changes_in_train = [type(m).__name__ for m in model.modules()
+                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                        or (isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0)]
+    if changes_in_train:
+        raise MethodUnavailable(f"opacus records per-sample gradients only in train mode, where this model's "
+                                f"{changes_in_train[0]} layers compute something else than in eval mode")
+    model.train()
     try:
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     except Exception as err:  # Opacus says why it refuses the model (e.g. BatchNorm)
