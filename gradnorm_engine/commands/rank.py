@@ -14,6 +14,7 @@ import importlib
 import inspect
 import os
 import pickle
+import sys
 import struct
 import tarfile
 import zipfile
@@ -53,10 +54,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="resize images to this size (default: keep)")
     p.add_argument("--normalize", choices=sorted(NORMALIZATIONS), default="imagenet",
                    help="per-channel normalisation the model was trained with (default: imagenet)")
-    p.add_argument("--score", choices=sorted(SCORES), default="entropy")
-    p.add_argument("--norm", choices=NORMS, default="frobenius")
-    p.add_argument("--backend", choices=backend_names(), default="auto")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--score", choices=sorted(SCORES), default="entropy",
+                   help="loss whose gradient norm ranks the images (default: entropy, the softmax entropy; "
+                        "categorical_entropy: the LPLgrad reference code's clamped version)")
+    p.add_argument("--norm", choices=NORMS, default="frobenius",
+                   help="frobenius: sqrt of the sum of all squared gradient entries (default, the paper's text); "
+                        "tensor_sum: sum of each parameter tensor's L2 norm (the reference code's, and the al "
+                        "command's default)")
+    p.add_argument("--backend", choices=backend_names(), default="auto",
+                   help="how the norms are computed (default: auto, the fastest exact one)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per loader batch (default: 128; the "
+                   "scores do not depend on it)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,6 +74,8 @@ def build_model(spec: str, num_classes: int) -> torch.nn.Module:
     """A torchvision model name, or ``module:factory`` called with num_classes when it takes it."""
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())   # as `python -m` does: factories of the project at hand
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
@@ -245,6 +255,9 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(args.model, args.num_classes or len(dataset.classes))
     if args.checkpoint:
         load_checkpoint(model, args.checkpoint)
+    elif is_main_process():
+        print("gradnorm-engine rank: no --checkpoint given: scoring the model's freshly initialised weights "
+              "(pass the trained weights with --checkpoint for meaningful picks)", file=sys.stderr)
     # Under torchrun every rank scores its own block of the pool; rank 0 writes the CSV.
     rank_device = init_from_torchrun()
     device = asked_device or rank_device or resolve_device(None)
