@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .backends import BACKENDS
+from .backends import check_backend_name
 from .datasets import ALDataset, load_dataset
 from .distributed import broadcast_module, is_main_process, on_main_process
 from .errors import UsageError
@@ -155,10 +155,7 @@ def _fresh_models(data: ALDataset, preset: Preset, factory: ModelFactory, seed: 
         torch.manual_seed(seed)
         model = factory(data, preset)
         lossnet = None
-        if uses_lossnet:
-            if not has_stage_taps(model):
-                raise UsageError(f"{type(model).__name__} exposes no stage outputs, which LossNet needs; "
-                                 "use a strategy without LossNet or a ResNet model")
+        if uses_lossnet:   # the model's stage taps were checked before the loop (_check_lossnet_fits)
             example = data.train.batch(torch.tensor([0]), "cpu")[0]
             lossnet = lossnet_for(model, example)
     model.to(device)
@@ -195,8 +192,10 @@ def validate_names(config: ALConfig) -> None:
         raise UsageError(f"unknown norm {config.norm!r}; choose tensor_sum or frobenius")
     if config.score not in GRADNORM_SCORES:
         raise UsageError(f"unknown score {config.score!r}; choose from {', '.join(GRADNORM_SCORES)}")
-    if config.backend not in ("auto", *BACKENDS):
-        raise UsageError(f"unknown backend {config.backend!r}; choose from auto, {', '.join(BACKENDS)}")
+    try:
+        check_backend_name(config.backend)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def validate(config: ALConfig, pool_size: int) -> None:

@@ -119,18 +119,18 @@ def on_main_process(fn: Callable[[], T]) -> T:
     if dist.get_rank() == 0:
         try:
             value = fn()
-            pickle.dumps(value)   # what cannot travel fails here, not in the broadcast
-            box[0] = ("ok", value)
+            # Pickled once, here: what cannot travel fails before the broadcast, not inside it.
+            box[0] = ("ok", pickle.dumps(value))
         except Exception as err:  # noqa: BLE001 - handed to every rank below
             own_error, box[0] = err, ("raised", _picklable(err))
     _collective(lambda: dist.broadcast_object_list(box, src=0, group=_control_group()),
                 "sharing rank 0's file work")
     if own_error is not None:
         raise own_error
-    status, value = box[0]
+    status, payload = box[0]
     if status == "raised":
-        raise value
-    return value
+        raise payload
+    return value if dist.get_rank() == 0 else pickle.loads(payload)
 
 
 def _picklable(err: Exception) -> Exception:
@@ -267,16 +267,16 @@ def score_pool_sharded(model: nn.Module, loader: Iterable, **options) -> tuple[t
 def rank_unlabeled_sharded(model: nn.Module, loader: Iterable, k: int, **options):
     """rank_unlabeled's sharded path: merge per-rank top-k lists; every rank returns the same
     RankResult. Only at most k scores and k positions per rank travel."""
-    from .api import RankResult  # api imports this module; import back lazily
+    from . import api  # api imports this module; import back lazily
 
     block = _score_own_block(model, loader, options, k=k)
-    k = block.k
+    k = api._check_k(k)   # passed on every rank in the agreement before scoring: cannot fail here
     if k > block.pool_size:
         raise ValueError(f"k = {k} is larger than the pool ({block.pool_size} samples); "
                          f"ask for at most {block.pool_size}")
     scores, positions = gather_top_k(block, k)
-    return RankResult(indices=positions, scores=scores, pool_size=block.pool_size, backend=block.backend,
-                      norm=options.get("norm", "frobenius"))
+    return api.RankResult(indices=positions, scores=scores, pool_size=block.pool_size, backend=block.backend,
+                          norm=options.get("norm", "frobenius"))
 
 
 @dataclass
@@ -299,7 +299,6 @@ class ScoredBlock:
     group: object                # the gloo group for the exchanges
     dtype: torch.dtype           # the score dtype all ranks agree on
     backend: str
-    k: int | None = None         # rank_unlabeled's k, checked (None for score_pool)
 
     @property
     def pool_size(self) -> int:
@@ -409,7 +408,7 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None) 
     if not done:
         raise ValueError("the pool is empty: the loader yielded no samples")
     dtype = getattr(torch, done[0].dtype.removeprefix("torch."))
-    return ScoredBlock(scores=scores, statuses=statuses, group=group, dtype=dtype, backend=done[0].backend, k=k)
+    return ScoredBlock(scores=scores, statuses=statuses, group=group, dtype=dtype, backend=done[0].backend)
 
 
 def _agree_before_scoring(agreement: str, failed: Exception | None, group) -> None:

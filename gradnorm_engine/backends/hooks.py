@@ -183,7 +183,7 @@ class HooksBackend(Backend):
             if is_out_of_memory(err):
                 raise
             return {}
-        rtol = CHECK_RTOL_AUTOCAST if self.job.autocast is not None else CHECK_RTOL.get(out.dtype, 1e-3)
+        rtol = _check_rtol(self.job, out.dtype)
         agreed = {}
         for name, p in named:
             want = out[:n, self.columns[id(p)]]
@@ -213,7 +213,7 @@ class HooksBackend(Backend):
             return True  # no per-sample reference to hold the rules to
 
         got = out[:n]
-        rtol = CHECK_RTOL_AUTOCAST if job.autocast is not None else CHECK_RTOL.get(out.dtype, 1e-3)
+        rtol = _check_rtol(job, out.dtype)
         # Each entry within rtol of itself, with a floor of rtol * 1e-3 of the sample's total.
         floor = 1e-3 * expected.sum(dim=1, keepdim=True)
         bad = (got - expected).abs() > rtol * (expected.abs() + floor) + 1e-30
@@ -333,6 +333,11 @@ class HooksBackend(Backend):
         for engine in self._fallbacks.values():
             engine.close()
         self._fallbacks.clear()
+
+
+def _check_rtol(job: ScoringJob, dtype: torch.dtype) -> float:
+    """The self-checks' relative tolerance for squared norms of this dtype and precision."""
+    return CHECK_RTOL_AUTOCAST if job.autocast is not None else CHECK_RTOL.get(dtype, 1e-3)
 
 
 def _per_sample_copies(named: dict[str, nn.Parameter], batch: int) -> dict[str, torch.Tensor]:

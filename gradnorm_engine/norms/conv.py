@@ -131,12 +131,8 @@ def pixel_gram_sqnorm(layer: nn.Module, xp: torch.Tensor, gg: torch.Tensor, out_
     main = sqnorm_from_input_gram(gram_a, gg)                                   # (B*G,)
     per_group = (batch * groups, channels // groups)
     y = (centred * mean).reshape(*per_group, *xp.shape[2:]).sum(dim=1)         # (B*G, *Sp)
-    along_c = None                                                              # (B*G, *S'): A_t . c
-    for tap in itertools.product(*(range(k) for k in kernel)):
-        rows = tuple(slice(d * i, d * i + s * (n - 1) + 1, s)
-                     for i, d, s, n in zip(tap, dilation, stride, out_shape))
-        block = y[(slice(None), *rows)]
-        along_c = block.clone() if along_c is None else along_c.add_(block)
+    along_c = _sum_over_taps(lambda rows: y[(slice(None), *rows)],
+                             kernel, stride, dilation, out_shape)               # (B*G, *S'): A_t . c
     gg = gg.to(acc)
     s_sum = gg.sum(dim=1)                                                       # (B*G, O/G)
     along_s = torch.bmm(gg, s_sum.unsqueeze(2)).squeeze(2)                      # (B*G, T): s . g_t
@@ -161,14 +157,22 @@ def patch_gram_from_pixels(xp: torch.Tensor, kernel, stride, dilation, groups: i
     pixels = xp.reshape(batch * groups, channels // groups, -1).to(acc)    # (B*G, C/G, P)
     gram = torch.bmm(pixels.transpose(1, 2), pixels)                        # (B*G, P, P)
     gram = gram.view(batch * groups, *xp.shape[2:], *xp.shape[2:])
-    out = None
+    out = _sum_over_taps(lambda rows: gram[(slice(None), *rows, *rows)],
+                         kernel, stride, dilation, out_shape)                # (B*G, *S', *S')
+    positions = math.prod(out_shape)
+    return out.reshape(batch * groups, positions, positions)
+
+
+def _sum_over_taps(block_at, kernel, stride, dilation, out_shape) -> torch.Tensor:
+    """sum over the kernel's taps of ``block_at(rows)``, where ``rows`` holds, per spatial dim, the
+    slice of padded input pixels that tap reads for every output position (stride*t + dilation*tap)."""
+    total = None
     for tap in itertools.product(*(range(k) for k in kernel)):
         rows = tuple(slice(d * i, d * i + s * (n - 1) + 1, s)
                      for i, d, s, n in zip(tap, dilation, stride, out_shape))
-        block = gram[(slice(None), *rows, *rows)]                           # (B*G, *S', *S')
-        out = block.clone() if out is None else out.add_(block)
-    positions = math.prod(out_shape)
-    return out.reshape(batch * groups, positions, positions)
+        block = block_at(rows)
+        total = block.clone() if total is None else total.add_(block)
+    return total
 
 
 def materialise_with_kernels(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, pads) -> torch.Tensor:
