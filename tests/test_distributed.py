@@ -225,8 +225,10 @@ def run_checks(outdir: str) -> dict:
             model, DataLoader(FailingDataset(make_inputs(), FAIL_AT), batch_size=4), 3, progress=False),
         "failure_details": lambda: failure_details(model),
         "after_failure": lambda: score_pool(model, pool_loader(), progress=False),
-        "tiny_pool": lambda: (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), progress=False),
-                              rank_tuple(rank_unlabeled(model, DataLoader(make_inputs()[:2]), 2, progress=False))),
+        "tiny_pool": lambda: (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), chunk_size=1,
+                                         progress=False),
+                              rank_tuple(rank_unlabeled(model, DataLoader(make_inputs()[:2]), 2, chunk_size=1,
+                                                        progress=False))),
         "k_too_large": lambda: rank_unlabeled(model, pool_loader(), N + 1, progress=False),
         "iterable": lambda: score_pool(model, DataLoader(Stream(), batch_size=4), progress=False),
         "shuffled": lambda: score_pool(model, pool_loader(shuffle=True), progress=False),
@@ -328,8 +330,9 @@ def reference() -> dict:
         "score_batch_sampler": score_pool(model, batch_sampler_loader(), progress=False),
         "score_prebatched": score_pool(model, prebatched_loader(), progress=False),
         "aligned_chunks": score_pool(model, pool_loader(), chunk_size=5, progress=False),
-        "tiny_pool": (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), progress=False),
-                      rank_tuple(rank_unlabeled(model, DataLoader(make_inputs()[:2]), 2, progress=False))),
+        "tiny_pool": (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), chunk_size=1, progress=False),
+                      rank_tuple(rank_unlabeled(model, DataLoader(make_inputs()[:2]), 2, chunk_size=1,
+                                                progress=False))),
     }
 
 
