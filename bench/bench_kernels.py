@@ -26,7 +26,7 @@ import torch
 from gradnorm_engine.kernels import (batch_norm_grad_sqnorm, conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm,
                                     per_sample_sumsq)
 from gradnorm_engine.kernels.conv2d_weight_grad import _conv2d_weight_grad_sqnorm_triton
-from gradnorm_engine.models import cifar_resnet18
+from gradnorm_engine.al.models import cifar_resnet18
 from gradnorm_engine.norms.conv import conv_weight_sqnorm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from gradnorm_engine import rank_unlabeled
 from gradnorm_engine.distributed import (RankStatus, ScoredBlock, _control_group, exchange_status, gather_scores,
                                          gather_top_k)
-from gradnorm_engine.models import cifar_resnet18, small_cnn
+from gradnorm_engine.al.models import cifar_resnet18, small_cnn
 
 MODELS = {
     "resnet18-w8": lambda: cifar_resnet18(num_classes=10, in_channels=3, width=8),

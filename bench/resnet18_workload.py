@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from gradnorm_engine.job import ScoringJob, make_job
-from gradnorm_engine.models import cifar_resnet18
+from gradnorm_engine.al.models import cifar_resnet18
 
 
 def resnet18_job(device: torch.device, batch: int, *, autocast: str | None = None, channels_last: bool = False,

@@ -26,9 +26,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from gradnorm_engine import score_pool  # noqa: E402
-from gradnorm_engine.run_folder import read_results  # noqa: E402
-from gradnorm_engine.datasets import load_dataset  # noqa: E402
-from gradnorm_engine.models import cifar_resnet18  # noqa: E402
+from gradnorm_engine.al.run_folder import read_results  # noqa: E402
+from gradnorm_engine.al.datasets import load_dataset  # noqa: E402
+from gradnorm_engine.al.models import cifar_resnet18  # noqa: E402
 
 
 def by_size(records: list[dict], strategy: str) -> dict[int, list[float]]:

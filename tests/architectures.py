@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from gradnorm_engine.models import cifar_resnet18, small_transformer
+from gradnorm_engine.al.models import cifar_resnet18, small_transformer
 
 VOCAB = 20
 SEQ_LEN = 6

@@ -12,8 +12,8 @@ from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, Rand
 from gradnorm_engine import rank_unlabeled, score_pool
 from gradnorm_engine.backends import BACKENDS
 
-from architectures import ARCHITECTURES
-from reference import max_rel_err, reference_scores
+from tests.architectures import ARCHITECTURES
+from tests.reference import max_rel_err, reference_scores
 
 FAST_BACKENDS = [name for name in BACKENDS if name != "loop"]
 

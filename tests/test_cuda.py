@@ -16,12 +16,12 @@ from gradnorm_engine.kernels import (batch_norm_grad_sqnorm, conv2d_weight_grad_
                                     per_sample_sumsq)
 from gradnorm_engine.kernels._dispatch import is_interpreted
 from gradnorm_engine.kernels.conv2d_weight_grad import _conv2d_weight_grad_sqnorm_kernel
-from gradnorm_engine.models import cifar_resnet18
+from gradnorm_engine.al.models import cifar_resnet18
 from gradnorm_engine.norms.conv import _paddings, conv_weight_sqnorm, materialise_with_kernels
 from gradnorm_engine.testing import check_rule
 from tests.architectures import ARCHITECTURES
 from tests.reference import max_rel_err, reference_scores
-from tests.test_norms_conv import _weight_only_rule, conv_layers
+from tests.norms.test_conv import _weight_only_rule, conv_layers
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

@@ -5,11 +5,11 @@
     workload.batches    # list of distinct input batches [B, ...] on ``device``
 
 Models:
-  resnet18            gradnorm_engine.models.cifar_resnet18 (11.17M parameters), 3x32x32 images
+  resnet18            gradnorm_engine.al.models.cifar_resnet18 (11.17M parameters), 3x32x32 images
   mobilenet_v3_small  torchvision.models.mobilenet_v3_small(weights=None) (2.54M), 3x224x224
-  transformer         gradnorm_engine.models.small_transformer at a realistic size: vocabulary
+  transformer         gradnorm_engine.al.models.small_transformer at a realistic size: vocabulary
                       8000, width 256, 8 heads, 4 blocks, 128 tokens (4.19M parameters)
-  small_cnn           gradnorm_engine.models.small_cnn on 3x32x32 (5.5k parameters; pool scaling)
+  small_cnn           gradnorm_engine.al.models.small_cnn on 3x32x32 (5.5k parameters; pool scaling)
 
 Inputs are never zeros: images are standard normal (what normalised photographs look like to
 the first layer), token ids uniform over the vocabulary.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import models
+from ..al import models
 
 DTYPES = ("fp32", "tf32", "bf16")
 TRANSFORMER_SIZE = dict(vocab_size=8000, num_classes=4, dim=256, heads=8, depth=4, max_len=128)

@@ -5,7 +5,7 @@
     gradnorm-engine al --dataset folder --data cifar10-jpeg.zip --train-root cifar10/train \
         --test-root cifar10/test --out runs/jpeg
 
-Options left out come from the preset (``--preset quick`` by default; see gradnorm_engine.presets).
+Options left out come from the preset (``--preset quick`` by default; see gradnorm_engine.al.presets).
 Writes DIR/results.jsonl (one record per strategy, trial and cycle), DIR/config.json and
 DIR/checkpoints/; ``gradnorm-engine report DIR`` draws the figures.
 
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..al import ALConfig, run_active_learning
-from ..datasets import dataset_names
+from ..al.loop import ALConfig, run_active_learning
+from ..al.datasets import dataset_names
 from ..distributed import init_from_torchrun, is_main_process
 from ..errors import UsageError
-from ..presets import PRESETS, get_preset
-from ..report import accuracy_table, write_report
-from ..strategies import STRATEGIES
+from ..al.presets import PRESETS, get_preset
+from ..al.report import accuracy_table, write_report
+from ..al.strategies import STRATEGIES
 
 HELP = "run pool-based active learning (LPLgrad and baselines) and record test accuracy per cycle"
 

@@ -19,16 +19,16 @@ from dataclasses import replace
 import torch
 from torch.utils.data import DataLoader
 
-from ..al import ALConfig, run_active_learning, validate
-from ..run_folder import CHECKPOINTS, CONFIG, RESULTS, make_out_folder
+from ..al.loop import ALConfig, run_active_learning, validate
+from ..al.run_folder import CHECKPOINTS, CONFIG, RESULTS, make_out_folder
 from ..api import rank_unlabeled, score_pool
 from ..backends import BACKENDS
-from ..datasets import load_digits
+from ..al.datasets import load_digits
 from ..errors import UsageError
-from ..models import small_cnn
-from ..presets import DEMO
-from ..report import accuracy_table, time_table, write_report
-from ..trainer import TrainConfig, evaluate, train
+from ..al.models import small_cnn
+from ..al.presets import DEMO
+from ..al.report import accuracy_table, time_table, write_report
+from ..al.trainer import TrainConfig, evaluate, train
 
 HELP = "engine check and a 4-strategy active-learning comparison on the bundled digits (no download)"
 
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, started: float) -> int:
-    from ..trainer import resolve_device
+    from ..al.trainer import resolve_device
     device = resolve_device(args.device)
     data = load_digits()
     preset = replace(DEMO, trials=args.trials, cycles=args.cycles, epochs=args.epochs)

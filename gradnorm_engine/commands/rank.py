@@ -28,10 +28,10 @@ from ..api import rank_unlabeled
 from ..backends import backend_names
 from ..distributed import DistributedScoringError, broadcast_module, init_from_torchrun, is_main_process
 from ..errors import SampleShapeError, UsageError
-from ..image_folders import open_image_folder
+from ..al.image_folders import open_image_folder
 from ..reduction import NORMS
 from ..scores import SCORES
-from ..trainer import resolve_device
+from ..al.trainer import resolve_device
 
 HELP = "rank an image folder or zip by per-sample gradient norm and write the top k to a CSV"
 

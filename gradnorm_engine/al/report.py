@@ -18,7 +18,7 @@ import statistics
 from collections import defaultdict
 
 from .run_folder import read_results
-from .errors import UsageError
+from ..errors import UsageError
 
 CURVES = "curves.png"
 TIMES = "times.png"

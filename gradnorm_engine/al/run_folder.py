@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .errors import UsageError
+from ..errors import UsageError
 
 RESULTS = "results.jsonl"
 CONFIG = "config.json"

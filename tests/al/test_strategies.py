@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from gradnorm_engine import score_pool
-from gradnorm_engine.datasets import load_digits
+from gradnorm_engine.al.datasets import load_digits
 from gradnorm_engine.errors import UsageError
-from gradnorm_engine.lossnet import lossnet_for
-from gradnorm_engine.models import cifar_resnet18
+from gradnorm_engine.al.lossnet import lossnet_for
+from gradnorm_engine.al.models import cifar_resnet18
 from gradnorm_engine.scores import entropy
-from gradnorm_engine.strategies import STRATEGIES, QueryContext, make_strategy
-from gradnorm_engine.strategies.coreset import k_center_greedy, min_distances
+from gradnorm_engine.al.strategies import STRATEGIES, QueryContext, make_strategy
+from gradnorm_engine.al.strategies.coreset import k_center_greedy, min_distances
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +24,7 @@ def context():
     torch.manual_seed(0)
     model = cifar_resnet18(num_classes=10, in_channels=1, width=4)
     # a few steps of training so the BatchNorm statistics and scores are not degenerate
-    from gradnorm_engine.trainer import TrainConfig, train
+    from gradnorm_engine.al.trainer import TrainConfig, train
     lossnet = lossnet_for(model, data.train.batch(torch.tensor([0]), "cpu")[0])
     train(model, data.train, torch.arange(40), TrainConfig(epochs=2, lr=0.05, batch_size=20, progress=False),
           device=CPU, lossnet=lossnet, generator=torch.Generator().manual_seed(0))

@@ -15,7 +15,7 @@ strategy of a trial):
 Every cycle, the last included, ends with its query, so a run resumed with more cycles goes on
 from the saved L and U as if it had never stopped.
 
-The files in ``out`` are gradnorm_engine.run_folder's. A checkpoint is written before
+The files in ``out`` are gradnorm_engine.al.run_folder's. A checkpoint is written before
 results.jsonl, which is rebuilt from the checkpoints; a run killed at any moment loses at most
 the cycle in progress.
 """
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .backends import check_backend_name
+from ..backends import check_backend_name
 from .datasets import ALDataset, load_dataset
-from .distributed import broadcast_module, is_main_process, on_main_process
-from .errors import UsageError
+from ..distributed import broadcast_module, is_main_process, on_main_process
+from ..errors import UsageError
 from .lossnet import LossNet, has_stage_taps, lossnet_for
 from .models import cifar_resnet18
 from .presets import Preset

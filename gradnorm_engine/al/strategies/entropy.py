@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..scores import entropy
+from ...scores import entropy
 from .base import QueryContext, Strategy, register_strategy
 
 

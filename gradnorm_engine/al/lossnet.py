@@ -110,7 +110,7 @@ def has_stage_taps(model: nn.Module) -> bool:
 def stage_taps(model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
     """A function x -> (logits, [stage outputs]) for ``model``.
 
-    Uses ``model.stage_outputs`` when the model has it (gradnorm_engine.models.cifar_resnet18),
+    Uses ``model.stage_outputs`` when the model has it (gradnorm_engine.al.models.cifar_resnet18),
     else forward hooks on ``layer1..layer4`` (torchvision ResNets). The hooks are registered
     once per model and stay, so call this once and keep the function.
     """
@@ -126,7 +126,7 @@ def stage_taps(model: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor,
     raise ValueError(
         f"{type(model).__name__} exposes no stage outputs for LossNet: give it a "
         "stage_outputs(x) -> (logits, [features]) method or layer1..layer4 submodules "
-        "(e.g. gradnorm_engine.models.cifar_resnet18 or a torchvision ResNet)")
+        "(e.g. gradnorm_engine.al.models.cifar_resnet18 or a torchvision ResNet)")
 
 
 @torch.no_grad()

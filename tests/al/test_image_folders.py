@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from gradnorm_engine.errors import UsageError
-from gradnorm_engine.image_folders import ZipImageFolder, open_image_folder
+from gradnorm_engine.al.image_folders import ZipImageFolder, open_image_folder
 
 
 def make_folder(root, classes=("cat", "dog"), per_class=3, size=8):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gradnorm_engine.datasets import ImageTensors, _augment, load_dataset, load_digits
+from gradnorm_engine.al.datasets import ImageTensors, _augment, load_dataset, load_digits
 from gradnorm_engine.errors import UsageError
 
 
@@ -145,7 +145,7 @@ def test_a_download_from_a_silent_server_gives_up_with_one_line(tmp_path, monkey
     import threading
     import time
 
-    import gradnorm_engine.datasets as datasets
+    import gradnorm_engine.al.datasets as datasets
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

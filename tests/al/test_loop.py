@@ -6,12 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from gradnorm_engine.al import ALConfig, apply_query, check_partition, draw_subset, initial_split, run_active_learning
-from gradnorm_engine.datasets import load_digits
+from gradnorm_engine.al.loop import ALConfig, apply_query, check_partition, draw_subset, initial_split, run_active_learning
+from gradnorm_engine.al.datasets import load_digits
 from gradnorm_engine.errors import UsageError
-from gradnorm_engine.presets import Preset
-from gradnorm_engine.run_folder import checkpoint_path, read_results
-from gradnorm_engine.strategies import STRATEGIES
+from gradnorm_engine.al.presets import Preset
+from gradnorm_engine.al.run_folder import checkpoint_path, read_results
+from gradnorm_engine.al.strategies import STRATEGIES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +137,7 @@ def test_resume_without_the_checkpoints_is_refused_and_keeps_the_results(tmp_pat
 
 
 def test_resume_on_other_data_is_refused(tmp_path, digits):
-    from gradnorm_engine.datasets import ALDataset
+    from gradnorm_engine.al.datasets import ALDataset
 
     run_active_learning(_config(tmp_path, ["random"]), data=digits, log=None)
     import dataclasses
@@ -266,7 +266,7 @@ def test_from_scratch_restarts_every_cycle_from_the_initial_weights(tmp_path, di
 
 
 def test_paper_and_quick_presets():
-    from gradnorm_engine.presets import get_preset
+    from gradnorm_engine.al.presets import get_preset
     c10 = get_preset("cifar10", "paper")
     assert (c10.initial, c10.budget, c10.cycles, c10.epochs, c10.lr, c10.milestones) == (1000, 1000, 10, 200, 0.1, (160,))
     assert c10.initial + c10.budget * (c10.cycles - 1) == 10000 and c10.resolved_detach_epoch() == 120
@@ -299,7 +299,7 @@ def test_a_cut_results_file_is_named_and_a_resume_rebuilds_it(tmp_path, digits):
 
 
 def test_the_gradnorm_query_can_take_the_reference_codes_clamped_entropy(tmp_path, digits, monkeypatch):
-    import gradnorm_engine.strategies.ent_gradnorm as ent_gradnorm
+    import gradnorm_engine.al.strategies.ent_gradnorm as ent_gradnorm
 
     asked = []
     real = ent_gradnorm.rank_unlabeled
@@ -323,7 +323,7 @@ def test_the_gradnorm_query_can_take_the_reference_codes_clamped_entropy(tmp_pat
 
 
 def test_file_mode_follows_the_umask_without_touching_it():
-    from gradnorm_engine.run_folder import _new_file_mode
+    from gradnorm_engine.al.run_folder import _new_file_mode
 
     old = os.umask(0o027)
     try:
@@ -348,7 +348,7 @@ def test_a_run_of_an_older_version_resumes_only_with_the_loss_it_used(tmp_path, 
 
 
 def test_a_lossnet_strategy_on_a_model_without_stages_is_refused_before_any_work(tmp_path, digits):
-    from gradnorm_engine.models import small_cnn
+    from gradnorm_engine.al.models import small_cnn
 
     factory = lambda data, preset: small_cnn(num_classes=10, in_channels=1, width=4)  # noqa: E731
     with pytest.raises(UsageError, match="stage outputs.*lplgrad, learning-loss"):

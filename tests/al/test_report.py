@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from gradnorm_engine.report import accuracy_table, mean_std, per_class_means, time_table, write_report
+from gradnorm_engine.al.report import accuracy_table, mean_std, per_class_means, time_table, write_report
 
 
 def _records():
@@ -57,7 +57,7 @@ def test_missing_accuracies_are_left_out_and_a_file_dest_is_refused(tmp_path):
     import json
 
     from gradnorm_engine.errors import UsageError
-    from gradnorm_engine.report import accuracy_by_size, write_report
+    from gradnorm_engine.al.report import accuracy_by_size, write_report
 
     records = [{"strategy": "random", "trial": t, "cycle": 1, "labeled": 20, "test_acc": acc,
                 "per_class_acc": [50.0] * 3, "train_s": 1.0, "query_s": 0.1} for t, acc in ((1, 40.0), (2, None))]

@@ -138,7 +138,7 @@ def broadcast_from_rank0() -> dict:
 
 
 def toy_al_dataset():
-    from gradnorm_engine.datasets import ALDataset, ImageTensors
+    from gradnorm_engine.al.datasets import ALDataset, ImageTensors
 
     g = torch.Generator().manual_seed(0)
 
@@ -149,15 +149,15 @@ def toy_al_dataset():
 
 
 def toy_al_model(data, preset):
-    from gradnorm_engine.models import small_cnn
+    from gradnorm_engine.al.models import small_cnn
 
     return small_cnn(num_classes=3, in_channels=1, width=4)
 
 
 def run_al_loop(out: str, cycles: int = 2, resume: bool = False) -> list:
     """``cycles`` cycles of the active-learning loop with Ent-GradNorm queries; the picked indices."""
-    from gradnorm_engine.al import ALConfig, run_active_learning
-    from gradnorm_engine.presets import Preset
+    from gradnorm_engine.al.loop import ALConfig, run_active_learning
+    from gradnorm_engine.al.presets import Preset
 
     preset = Preset(initial=10, budget=7, subset=31, cycles=cycles, trials=1, epochs=2, lr=0.05, milestones=(9,),
                     batch_size=8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..api import rank_unlabeled
+from ...api import rank_unlabeled
 from .base import QueryContext, Strategy, register_strategy
 
 

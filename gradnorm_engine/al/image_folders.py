@@ -23,7 +23,7 @@ from typing import Callable
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .errors import UsageError
+from ..errors import UsageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 ROOT_OPTION = "root= / --root"

@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..datasets import ImageTensors
-from ..errors import UsageError
+from ...errors import UsageError
 from ..lossnet import LossNet, stage_taps
-from ..ranking import best_positions
+from ...ranking import best_positions
 from ..trainer import autocast_for, to_model_layout
 
 

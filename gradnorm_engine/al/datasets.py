@@ -19,7 +19,7 @@ Names:
 - ``cifar10``, ``cifar100``, ``svhn``: torchvision datasets under ``root`` (``download=True``
   fetches them). SVHN is not flipped.
 - ``caltech101``, ``cdd``, ``folder``: ImageFolder layouts (a directory or a zip) read through
-  ``gradnorm_engine.image_folders.open_image_folder``, resized to ``image_size`` (default 32).
+  ``gradnorm_engine.al.image_folders.open_image_folder``, resized to ``image_size`` (default 32).
   The test split is ``test_root`` / ``test_path`` when given, else a fixed stratified 20 % of
   the train folder.
 """
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UsageError
+from ..errors import UsageError
 
 # Per-channel statistics used by the reference code for CIFAR; other datasets use their own
 # train split's statistics.

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .datasets import ImageTensors
-from .errors import TrainingDivergedError
+from ..errors import TrainingDivergedError
 from .lossnet import LossNet, ranking_loss, stage_taps
 
 # A split may move to the GPU when it takes at most this share of the free GPU memory.
@@ -68,7 +68,7 @@ class TrainStats:
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto": CUDA when available, else CPU. An unusable name -> UsageError."""
-    from .errors import UsageError
+    from ..errors import UsageError
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from gradnorm_engine.datasets import load_digits
-from gradnorm_engine.lossnet import lossnet_for
-from gradnorm_engine.models import cifar_resnet18, small_cnn
-from gradnorm_engine.trainer import TrainConfig, _batches, evaluate, train
+from gradnorm_engine.al.datasets import load_digits
+from gradnorm_engine.al.lossnet import lossnet_for
+from gradnorm_engine.al.models import cifar_resnet18, small_cnn
+from gradnorm_engine.al.trainer import TrainConfig, _batches, evaluate, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

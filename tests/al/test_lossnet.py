@@ -3,9 +3,9 @@ import pytest
 import torch
 import torchvision
 
-from gradnorm_engine.lossnet import (LossNet, has_stage_taps, lossnet_for, ranking_loss, ranking_loss_reference,
+from gradnorm_engine.al.lossnet import (LossNet, has_stage_taps, lossnet_for, ranking_loss, ranking_loss_reference,
                                      stage_channels, stage_taps)
-from gradnorm_engine.models import cifar_resnet18, small_cnn
+from gradnorm_engine.al.models import cifar_resnet18, small_cnn
 
 
 def test_lossnet_shapes_on_cifar_resnet_taps():
@@ -109,7 +109,7 @@ def test_taps_of_a_deep_copied_torchvision_resnet_feed_the_copy():
 
     import torchvision
 
-    from gradnorm_engine.lossnet import stage_taps
+    from gradnorm_engine.al.lossnet import stage_taps
 
     torch.manual_seed(0)
     original = torchvision.models.resnet18(num_classes=3).eval()

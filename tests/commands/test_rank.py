@@ -4,10 +4,10 @@ import torch
 
 from gradnorm_engine import rank_unlabeled
 from gradnorm_engine.cli import main
-from gradnorm_engine.image_folders import open_image_folder
-from gradnorm_engine.models import small_cnn
+from gradnorm_engine.al.image_folders import open_image_folder
+from gradnorm_engine.al.models import small_cnn
 
-from test_image_folders import make_folder, zip_folder
+from tests.al.test_image_folders import make_folder, zip_folder
 
 
 def tiny_model(num_classes=2):
@@ -22,7 +22,7 @@ def test_rank_writes_the_same_picks_as_the_library(tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save({"model": model.state_dict()}, ckpt)
     out = tmp_path / "picks.csv"
-    rc = main(["rank", "test_cli_rank:tiny_model", "--checkpoint", str(ckpt), "--data", str(zpath),
+    rc = main(["rank", "tests.commands.test_rank:tiny_model", "--checkpoint", str(ckpt), "--data", str(zpath),
                "--k", "4", "--out", str(out), "--normalize", "none", "--no-progress"])
     assert rc == 0
     rows = list(csv.DictReader(open(out)))
@@ -46,7 +46,7 @@ def test_rank_errors_exit_2(tmp_path, capsys):
     assert main(["rank", "resnet18", "--data", str(folder), "--k", "99"]) == 2
     assert "larger than the pool" in capsys.readouterr().err
     torch.save(tiny_model(num_classes=5).state_dict(), tmp_path / "wrong.pt")
-    assert main(["rank", "test_cli_rank:tiny_model", "--checkpoint", str(tmp_path / "wrong.pt"),
+    assert main(["rank", "tests.commands.test_rank:tiny_model", "--checkpoint", str(tmp_path / "wrong.pt"),
                  "--data", str(folder), "--k", "2"]) == 2
     assert "does not fit the model" in capsys.readouterr().err
 
@@ -78,7 +78,7 @@ def returns_none(num_classes=2):
 
 
 def _rank(folder, *extra):
-    return main(["rank", "test_cli_rank:tiny_model", "--data", str(folder), "--k", "2", "--normalize", "none",
+    return main(["rank", "tests.commands.test_rank:tiny_model", "--data", str(folder), "--k", "2", "--normalize", "none",
                  "--no-progress", *extra])
 
 
@@ -162,16 +162,16 @@ def test_rank_model_factory_calls(tmp_path, capsys):
     folder = make_folder(tmp_path / "pool")
     out = str(tmp_path / "p.csv")
     args = ["--data", str(folder), "--k", "2", "--normalize", "none", "--no-progress", "--out", out]
-    assert main(["rank", "test_cli_rank:needs_depth", *args]) == 2
+    assert main(["rank", "tests.commands.test_rank:needs_depth", *args]) == 2
     err = _one_line_error(capsys)
-    assert "test_cli_rank:needs_depth" in err and "depth" in err
-    assert main(["rank", "test_cli_rank:returns_none", *args]) == 2
+    assert "tests.commands.test_rank:needs_depth" in err and "depth" in err
+    assert main(["rank", "tests.commands.test_rank:returns_none", *args]) == 2
     assert "nn.Module" in _one_line_error(capsys)
-    assert main(["rank", "test_cli_rank:takes_nothing", *args]) == 0
+    assert main(["rank", "tests.commands.test_rank:takes_nothing", *args]) == 0
     # A TypeError raised inside the factory is the factory's own bug: it propagates, after one call.
     FACTORY_CALLS.clear()
     with pytest.raises(TypeError, match="bug inside the factory"):
-        main(["rank", "test_cli_rank:broken_inside", *args])
+        main(["rank", "tests.commands.test_rank:broken_inside", *args])
     assert FACTORY_CALLS == [2]
 
 
@@ -183,11 +183,11 @@ def test_rank_under_torchrun_reports_a_ranks_bad_image_in_one_line(tmp_path):
 
     folder = make_folder(tmp_path / "pool")
     (folder / "dog" / "zz-broken.png").write_bytes(b"this is not a png")
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # holds tests/
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gradnorm_engine.cli",
-         "rank", "test_cli_rank:tiny_model", "--data", str(folder), "--k", "2", "--normalize", "none", "--no-progress",
+         "rank", "tests.commands.test_rank:tiny_model", "--data", str(folder), "--k", "2", "--normalize", "none", "--no-progress",
          "--device", "cpu", "--out", str(tmp_path / "p.csv")],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert done.returncode != 0
@@ -201,7 +201,7 @@ def test_rank_finds_a_factory_of_the_working_folder_and_warns_without_checkpoint
     import sys
 
     (tmp_path / "mynets_for_rank_test.py").write_text(
-        "from gradnorm_engine.models import small_cnn\n"
+        "from gradnorm_engine.al.models import small_cnn\n"
         "def make(num_classes):\n    return small_cnn(num_classes=num_classes, in_channels=3, width=2)\n")
     folder = make_folder(tmp_path / "pool")
     monkeypatch.chdir(tmp_path)
