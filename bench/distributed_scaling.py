@@ -38,8 +38,8 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradnorm_engine import rank_unlabeled
-from gradnorm_engine.distributed import (RankStatus, ScoredBlock, _control_group, exchange_status, gather_scores,
-                                         gather_top_k)
+from gradnorm_engine.distributed.exchange import (RankStatus, ScoredBlock, control_group, exchange_status,
+                                                  gather_scores, gather_top_k)
 from gradnorm_engine.al.models import cifar_resnet18, small_cnn
 
 MODELS = {
@@ -68,7 +68,7 @@ def timed(fn) -> tuple[float, float]:
 def time_rounds(args: argparse.Namespace) -> dict:
     """Interleaved rounds of the three variants; per variant a list of (wall, cpu) per round."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    group = _control_group()
+    group = control_group()
     model, pool = make_model(args.model), make_pool(args.pool)
     loader = DataLoader(TensorDataset(pool), batch_size=args.batch_size)
     options = {"k": args.k, "progress": False, "chunk_size": args.chunk_size or None}
@@ -96,7 +96,7 @@ def time_rounds(args: argparse.Namespace) -> dict:
 
 def time_exchanges(k: int, repeats: int) -> dict:
     """Seconds per exchange for synthetic pools; ranks hold equal blocks of random scores."""
-    group = _control_group()
+    group = control_group()
     world, out = dist.get_world_size(), {}
     for n in EXCHANGE_POOLS:
         count = n // world

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from gradnorm_engine.benchmark.methods import FLOORS, MethodContext, MethodUnavailable, build_method, method_names
-from gradnorm_engine.benchmark.runner import max_rel_err, reference_scores, resolve_device
+from gradnorm_engine.benchmark.runner import max_rel_err, reference_scores
+from gradnorm_engine.devices import resolve_device
 from gradnorm_engine.benchmark.timing import synchronize
 from gradnorm_engine.benchmark.workloads import build_workload, precision
 

@@ -5,9 +5,5 @@ class UsageError(ValueError):
     """A bad option, name or path; the message says what is wrong and how to fix it."""
 
 
-class TrainingDivergedError(UsageError):
-    """Training produced a non-finite loss (usually a learning rate too large for the data)."""
-
-
 class SampleShapeError(ValueError):
     """Samples of one pool have different shapes, so they cannot be scored in one batch."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .inputs import check_logits, check_loss, resolve_logits_fn
+from .kernels import accum_dtype
 from .scores import ScoreFn, resolve_score
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,8 +34,7 @@ class ScoringJob:
     @property
     def accum_dtype(self) -> torch.dtype:
         """Squared norms are accumulated in fp32, or fp64 for a fp64 model."""
-        dtypes = {p.dtype for _, p in self.params}
-        return torch.float64 if torch.float64 in dtypes else torch.float32
+        return accum_dtype(*(p for _, p in self.params))
 
     def logits(self, x: torch.Tensor, substitutes: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Forward in the job's precision and take logits; [B, ...] -> [B, C]. ``substitutes``

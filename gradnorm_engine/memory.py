@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .kernels import is_out_of_memory  # noqa: F401  (defined with the kernels, the lowest layer)
+
 # Share of the currently free memory a chunk may take: leaves room for the allocator's
 # fragmentation and for whatever else lives in the process.
 FREE_FRACTION = 0.5
@@ -34,14 +36,6 @@ def chunk_budget(device: torch.device, max_memory: int | None) -> int:
     if max_memory is not None:
         return int(max_memory)
     return int(free_bytes(device) * FREE_FRACTION)
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def activation_elems(model: torch.nn.Module, example: torch.Tensor, precision=contextlib.nullcontext) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .norms import NormRule, find_norm_rule
+from .norms import NormRule, check_rule_result, entry_problem, find_norm_rule, rule_name
 
 # Relative tolerance per computation dtype, applied to each sample's squared norm and to the
 # largest one (so near-zero entries are not held to a relative bound they cannot meet).
@@ -88,10 +88,7 @@ def check_rule(layer: nn.Module, inputs, *, rule: NormRule | None = None, grad_o
         grad_outputs = torch.randn(output.shape, generator=gen, dtype=output.dtype).to(output.device)
     with torch.no_grad():
         returned = rule(layer, inputs, (grad_outputs.detach(),))
-    if not isinstance(returned, dict):
-        raise TypeError(f"the rule {getattr(rule, '__name__', repr(rule))} returned a {type(returned).__name__}; "
-                        "a rule returns a dict {parameter: tensor [B] of per-sample squared norms}")
-    got = {id(p): v for p, v in returned.items()}
+    got = {id(p): v for p, v in check_rule_result(returned, rule, layer, batch, entries=False).items()}
 
     # A rule covers the parameters its layer owns directly; child modules have rules of their own.
     named = [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
@@ -99,22 +96,19 @@ def check_rule(layer: nn.Module, inputs, *, rule: NormRule | None = None, grad_o
     comp_dtype = dtype or next((p.dtype for _, p in named), torch.float32)
     tol = rtol if rtol is not None else DEFAULT_RTOL.get(comp_dtype, 1e-4)
     floor = atol if atol is not None else DEFAULT_ATOL.get(comp_dtype, 1e-10)
-    result = RuleCheck(layer=type(layer).__name__, rule=getattr(rule, "__name__", repr(rule)),
+    result = RuleCheck(layer=type(layer).__name__, rule=rule_name(rule),
                        batch=batch, dtype=comp_dtype)
     for (name, p), ref in zip(named, expected):
         if id(p) not in got:
             result.params.append(ParamCheck(name, float("nan"), float("nan"), False,
                                             "the rule returned no entry for this parameter"))
             continue
-        if not isinstance(got[id(p)], torch.Tensor):
+        problem = entry_problem(got[id(p)], batch)
+        if problem:
             result.params.append(ParamCheck(name, float("nan"), float("nan"), False,
-                                            f"the rule returned a {type(got[id(p)]).__name__}, not a tensor [{batch}]"))
+                                            f"the rule {problem}, expected a tensor [{batch}]"))
             continue
         value = got[id(p)].detach().to(ref.device, torch.float64)
-        if value.shape != ref.shape:
-            result.params.append(ParamCheck(name, float("nan"), float("nan"), False,
-                                            f"the rule returned shape {tuple(value.shape)}, expected [{batch}]"))
-            continue
         err = (value - ref).abs()
         scale = ref.abs().max().clamp_min(1e-300)
         rel = err / ref.abs().clamp_min(1e-300)

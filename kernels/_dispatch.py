@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..memory import is_out_of_memory
-
 IMPLS = ("auto", "triton", "torch")
 
 try:  # Triton is optional: every public function still works through its torch reference.
@@ -99,5 +97,16 @@ def use_triton(impl: str, tensors: Sequence[torch.Tensor], kernel, name: str) ->
 
 
 def accum_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64 (exactness checks rely on it), float32 otherwise."""
+    """The dtype squared norms accumulate in, across the project: float64 when any input is
+    float64 (exactness checks rely on it), float32 otherwise (bf16/fp16 inputs included)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A failed allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError. Defined
+    here, in the lowest layer, because a kernel's failure to allocate must not count as a
+    kernel that cannot run; the engine's memory module re-exports it."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from ..errors import UsageError
 
@@ -69,6 +70,12 @@ class ImageTensors:
 
     def nbytes(self) -> int:
         return self.images.numel() * self.images.element_size() + self.labels.numel() * 8
+
+    def loader(self, indices: torch.Tensor, device: torch.device | str, batch_size: int = 256) -> DataLoader:
+        """A DataLoader of normalised inputs [b, C, H, W] for ``indices``, in order, on ``device``
+        (no labels, no augmentation): the pool a query or a check scores."""
+        return DataLoader(indices.tolist(), batch_size=batch_size, shuffle=False,
+                          collate_fn=lambda idx: self.batch(torch.tensor(idx), device)[0])
 
     def batch(self, indices: torch.Tensor, device: torch.device | str, *, augment: bool = False,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,8 +219,8 @@ def _read_torchvision(name: str, root: str, download: bool) -> ALDataset:
 
 def _decode_folder(dataset, image_size: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of an ImageFolder-like dataset, RGB, resized to image_size x image_size."""
-    from torchvision.transforms.functional import pil_to_tensor
     from PIL import UnidentifiedImageError
+    from torchvision.transforms.functional import pil_to_tensor
     n = len(dataset)
     if n == 0:
         raise UsageError(f"{where}: holds no images; expected <class>/<image> files")

@@ -21,8 +21,8 @@ the cycle in progress.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import time
 import zlib
@@ -33,16 +33,18 @@ import torch
 from torch import nn
 
 from ..backends import check_backend_name
-from .datasets import ALDataset, load_dataset
+from ..devices import resolve_device
 from ..distributed import broadcast_module, is_main_process, on_main_process
 from ..errors import UsageError
+from ..reduction import NORMS
+from .datasets import ALDataset, load_dataset
 from .lossnet import LossNet, has_stage_taps, lossnet_for
 from .models import cifar_resnet18
-from .presets import Preset
+from .presets import Preset, check_settings
 from .run_folder import (CONFIG, RESULTS, atomic_torch_save, atomic_write_bytes, check_checkpoints_cover_results,
-                         checkpoint_path, load_all_records, load_checkpoint, make_out_folder, write_results)
+                         checkpoint_path, load_all_records, load_trial_state, make_out_folder, write_results)
 from .strategies import STRATEGIES, QueryContext, make_strategy
-from .trainer import TrainConfig, evaluate, place_split, resolve_device, train
+from .trainer import TrainConfig, evaluate, place_split, train
 
 
 # Settings a resumed run must share with the run it continues; cycles, trials and the
@@ -179,6 +181,13 @@ def _check_lossnet_fits(data: ALDataset, preset: Preset, factory: ModelFactory, 
 # The loop
 
 
+def strategy_options(config: ALConfig, name: str) -> dict:
+    """The options of ``config`` that strategy ``name`` takes (the gradient-norm ones take the
+    engine's norm, backend and score; the others take none)."""
+    offered = {"norm": config.norm, "backend": config.backend, "score": config.score}
+    return {k: v for k, v in offered.items() if k in STRATEGIES[name].option_names}
+
+
 def validate_names(config: ALConfig) -> None:
     """Mistakes found before any data is loaded -> UsageError naming the fix."""
     if not config.strategies:
@@ -188,8 +197,8 @@ def validate_names(config: ALConfig) -> None:
             raise UsageError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     if len(set(config.strategies)) != len(config.strategies):
         raise UsageError("a strategy is listed twice in --strategies")
-    if config.norm not in ("tensor_sum", "frobenius"):
-        raise UsageError(f"unknown norm {config.norm!r}; choose tensor_sum or frobenius")
+    if config.norm not in NORMS:
+        raise UsageError(f"unknown norm {config.norm!r}; choose {' or '.join(NORMS)}")
     if config.score not in GRADNORM_SCORES:
         raise UsageError(f"unknown score {config.score!r}; choose from {', '.join(GRADNORM_SCORES)}")
     try:
@@ -202,13 +211,7 @@ def validate(config: ALConfig, pool_size: int) -> None:
     """User mistakes in the protocol -> UsageError naming the fix."""
     validate_names(config)
     p = config.preset
-    for key in ("initial", "budget", "subset", "cycles", "trials", "epochs"):
-        if getattr(p, key) < 1:
-            raise UsageError(f"--{key} must be at least 1, got {getattr(p, key)}")
-    if p.width < 1:
-        raise UsageError(f"--width must be at least 1, got {p.width}")
-    if not (p.lr > 0 and math.isfinite(p.lr)):
-        raise UsageError(f"--lr must be a positive number, got {p.lr}")
+    check_settings(dataclasses.asdict(p))
     if p.initial < 2:
         raise UsageError(f"--initial must be at least 2 (training needs two samples), got {p.initial}")
     if p.batch_size < 2:
@@ -292,8 +295,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
     pool_size = len(data.train)
     validate(config, pool_size)
     device = resolve_device(config.device)
-    strategies = {name: make_strategy(name, norm=config.norm, backend=config.backend, score=config.score)
-                  for name in config.strategies}
+    strategies = {name: make_strategy(name, **strategy_options(config, name)) for name in config.strategies}
     on_main_process(lambda: _prepare_out(config, data))
     train_split = place_split(data.train, device)
     test_split = place_split(data.test, device)
@@ -309,7 +311,7 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
             path = checkpoint_path(config.out, name, trial)
             init_seed = derive_seed(config.seed, trial, "init")
             model, lossnet = _fresh_models(data, p, model_factory, init_seed, strategy.uses_lossnet, device)
-            state = on_main_process(lambda: load_checkpoint(path)) if config.resume else None
+            state = on_main_process(lambda: load_trial_state(path)) if config.resume else None
             if state is not None:
                 model.load_state_dict(state["model"])
                 if lossnet is not None:

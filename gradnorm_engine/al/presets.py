@@ -19,6 +19,7 @@ the model width, epochs and set sizes so a run takes minutes on two CPU cores.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..errors import UsageError
@@ -40,6 +41,20 @@ class Preset:
 
     def resolved_detach_epoch(self) -> int:
         return self.detach_epoch if self.detach_epoch is not None else int(round(0.6 * self.epochs))
+
+
+# The settings that count something: each must be at least 1.
+COUNTS = ("initial", "budget", "subset", "cycles", "trials", "epochs", "batch_size", "width")
+
+
+def check_settings(values: dict) -> None:
+    """Counts of at least 1 and a positive, finite learning rate, for the keys ``values`` holds
+    (a preset's fields or the overrides of one); else a UsageError naming the option."""
+    for key in COUNTS:
+        if key in values and values[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {values[key]}")
+    if "lr" in values and not (values["lr"] > 0 and math.isfinite(values["lr"])):
+        raise UsageError(f"--lr must be a positive number, got {values['lr']}")
 
 
 PAPER: dict[str, Preset] = {
@@ -85,11 +100,7 @@ def get_preset(dataset: str, name: str = "quick", **overrides) -> Preset:
         if isinstance(changes["milestones"], str):
             raise TypeError(f"milestones take a sequence of epochs, e.g. (80,), got the string {changes['milestones']!r}")
         changes["milestones"] = tuple(int(m) for m in changes["milestones"])
-    for key in ("initial", "budget", "subset", "cycles", "trials", "epochs", "batch_size", "width"):
-        if key in changes and changes[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {changes[key]}")
-    if "lr" in changes and not changes["lr"] > 0:
-        raise UsageError(f"--lr must be a positive number, got {changes['lr']}")
+    check_settings(changes)
     if "epochs" in changes and changes["epochs"] != base.epochs:
         # Keep the schedule's shape when only the length changes: milestones and the detach
         # epoch scale with the epoch count.

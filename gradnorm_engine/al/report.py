@@ -17,8 +17,8 @@ import os
 import statistics
 from collections import defaultdict
 
-from .run_folder import read_results
 from ..errors import UsageError
+from .run_folder import read_results
 
 CURVES = "curves.png"
 TIMES = "times.png"

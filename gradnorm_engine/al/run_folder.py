@@ -147,7 +147,8 @@ def check_checkpoints_cover_results(out: str) -> None:
             "checkpoint; restore the checkpoints folder, or start a new run in another --out")
 
 
-def load_checkpoint(path: str) -> dict | None:
+def load_trial_state(path: str) -> dict | None:
+    """A (strategy, trial)'s saved state (its checkpoint), or None when there is none yet."""
     return torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
 
 

@@ -23,13 +23,18 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from .datasets import ImageTensors
-from ..errors import TrainingDivergedError
 from .lossnet import LossNet, ranking_loss, stage_taps
+
+
+class TrainingDivergedError(UsageError):
+    """Training produced a non-finite loss (usually a learning rate too large for the data)."""
+
 
 # A split may move to the GPU when it takes at most this share of the free GPU memory.
 GPU_DATA_FRACTION = 0.25
@@ -64,20 +69,6 @@ class TrainStats:
     final_ce: float
     final_ranking: float | None = None
     history: list[float] = field(default_factory=list)  # mean total loss per epoch
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto": CUDA when available, else CPU. An unusable name -> UsageError."""
-    from ..errors import UsageError
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {device} asked for, but CUDA is not available here; use --device cpu")
-    return resolved
 
 
 def place_split(split: ImageTensors, device: torch.device) -> ImageTensors:

@@ -34,7 +34,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from ..job import ScoringJob, measure_only
 from ..memory import activation_elems, chunk_budget, is_out_of_memory
-from ..norms import NORM_RULES, find_norm_rule
+from ..norms import NORM_RULES, check_rule_result, find_norm_rule, rule_name
 from .base import Backend
 from .loop import LoopBackend
 from .vmap import VmapBackend
@@ -309,7 +309,7 @@ class HooksBackend(Backend):
                     _warn_rule_failed(rule, module, err)
                     missed.update(id(p) for p in mine)
                     return
-                norms = {id(p): v for p, v in _checked_rule_result(result, rule, module, batch).items()}
+                norms = {id(p): v for p, v in check_rule_result(result, rule, module, batch).items()}
                 for p in mine:
                     if id(p) in norms:
                         col = columns[id(p)]
@@ -382,30 +382,12 @@ def _same_computation(sub: type, cls: type) -> bool:
     return True
 
 
-def _rule_name(rule) -> str:
-    return getattr(rule, "__qualname__", None) or repr(rule)
-
-
 def _warn_rule_failed(rule, module: nn.Module, err: Exception) -> None:
     warnings.warn(
-        f"backend='hooks': the norm rule {_rule_name(rule)} failed on a {type(module).__name__} "
+        f"backend='hooks': the norm rule {rule_name(rule)} failed on a {type(module).__name__} "
         f"({type(err).__name__}: {err}); that layer's parameters are scored exactly by the fallback "
         "(vmap/loop), more slowly. Register a rule for this layer type to speed it up.",
         HooksFallbackWarning, stacklevel=2)
-
-
-def _checked_rule_result(result, rule, module: nn.Module, batch: int) -> dict:
-    """A rule must return {parameter: per-sample squared norms [B]}; anything else names the rule."""
-    where = f"the norm rule {_rule_name(rule)} for {type(module).__name__}"
-    if not isinstance(result, dict):
-        raise TypeError(f"{where} returned a {type(result).__name__}; a rule returns a dict "
-                        "{parameter: tensor [B] of per-sample squared norms}")
-    for p, value in result.items():
-        if not isinstance(value, torch.Tensor) or value.shape != (batch,):
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{where} returned {shape} for a parameter of shape {tuple(getattr(p, 'shape', ()))}; "
-                             f"a rule returns one squared norm per sample, a tensor of shape [{batch}]")
-    return result
 
 
 class _ExactFallback(Backend):

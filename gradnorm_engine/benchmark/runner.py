@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..backends import BACKENDS
+from ..devices import resolve_device
 from .methods import (Method, MethodContext, MethodUnavailable, build_method, engine_backend_method,
                       loop_method, method_names)
 from .timing import PeakMemory, time_calls
 from .workloads import Workload, build_workload, precision
-from ..backends import BACKENDS
 
 
 @dataclass
@@ -51,15 +52,6 @@ class BenchConfig:
         d = asdict(self)
         d["methods"] = list(self.methods) if self.methods is not None else None
         return d
-
-
-def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device here; use --device cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def device_label(device: torch.device) -> str:

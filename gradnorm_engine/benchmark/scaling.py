@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from ..api import rank_unlabeled
-from .runner import device_label, resolve_device
+from ..devices import resolve_device
+from .runner import device_label
 from .timing import PeakMemory, synchronize
 from .workloads import build_model, make_inputs, precision
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..al.loop import ALConfig, run_active_learning
 from ..al.datasets import dataset_names
-from ..distributed import init_from_torchrun, is_main_process
-from ..errors import UsageError
+from ..al.loop import GRADNORM_SCORES, ALConfig, run_active_learning
 from ..al.presets import PRESETS, get_preset
 from ..al.report import accuracy_table, write_report
 from ..al.strategies import STRATEGIES
+from ..distributed import init_from_torchrun, is_main_process
+from ..errors import UsageError
+from ..reduction import NORMS
 
 HELP = "run pool-based active learning (LPLgrad and baselines) and record test accuracy per cycle"
 
@@ -47,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished cycle")
     p.add_argument("--from-scratch", action="store_true",
                    help="re-initialise the model every cycle (default: warm start, as the reference code)")
-    p.add_argument("--norm", choices=("tensor_sum", "frobenius"), default="tensor_sum",
+    p.add_argument("--norm", choices=NORMS, default="tensor_sum",
                    help="gradient norm of lplgrad / ent-gradnorm (default: tensor_sum, the reference code's)")
-    p.add_argument("--score", choices=("entropy", "categorical_entropy"), default="entropy",
+    p.add_argument("--score", choices=GRADNORM_SCORES, default="entropy",
                    help="loss whose gradient norm lplgrad / ent-gradnorm take: the softmax entropy (default), or "
                         "categorical_entropy, the reference code's Categorical(probs=softmax).entropy() with its "
                         "probability clamp")

@@ -17,18 +17,18 @@ import time
 from dataclasses import replace
 
 import torch
-from torch.utils.data import DataLoader
 
-from ..al.loop import ALConfig, run_active_learning, validate
-from ..al.run_folder import CHECKPOINTS, CONFIG, RESULTS, make_out_folder
-from ..api import rank_unlabeled, score_pool
-from ..backends import BACKENDS
 from ..al.datasets import load_digits
-from ..errors import UsageError
+from ..al.loop import ALConfig, run_active_learning, validate
 from ..al.models import small_cnn
 from ..al.presets import DEMO
 from ..al.report import accuracy_table, time_table, write_report
+from ..al.run_folder import CHECKPOINTS, CONFIG, RESULTS, make_out_folder
 from ..al.trainer import TrainConfig, evaluate, train
+from ..api import rank_unlabeled, score_pool
+from ..backends import BACKENDS
+from ..devices import resolve_device
+from ..errors import UsageError
 
 HELP = "engine check and a 4-strategy active-learning comparison on the bundled digits (no download)"
 
@@ -51,11 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-engine-check", action="store_true", help="only run the active-learning comparison")
 
 
-def _pool_loader(data, indices: torch.Tensor, device: torch.device, batch_size: int = 256) -> DataLoader:
-    return DataLoader(indices.tolist(), batch_size=batch_size,
-                      collate_fn=lambda idx: data.batch(torch.tensor(idx), device)[0])
-
-
 def engine_check(data, device: torch.device, progress: bool) -> None:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -69,7 +64,7 @@ def engine_check(data, device: torch.device, progress: bool) -> None:
     print(f"== engine check: small CNN ({n_params:,} parameters) trained on {CHECK_LABELED} labeled digits, "
           f"test accuracy {acc:.1f} %")
 
-    res = rank_unlabeled(model, _pool_loader(data.train, pool, device), k=10, progress=progress)
+    res = rank_unlabeled(model, data.train.loader(pool, device), k=10, progress=progress)
     print(f"top 10 of {res.pool_size:,} unlabeled samples by ||dH(x)/dtheta|| ({res.norm}, backend {res.backend}):")
     print("  rank  pool index  label     score")
     for r, (i, s) in enumerate(zip(res.indices.tolist(), res.scores.tolist()), 1):
@@ -82,9 +77,9 @@ def engine_check(data, device: torch.device, progress: bool) -> None:
         indices = head if name == "loop" else pool
         try:
             # Warm-up outside the clock (first-call tracing and allocation).
-            score_pool(model, _pool_loader(data.train, pool[:16], device), backend=name, progress=False)
+            score_pool(model, data.train.loader(pool[:16], device), backend=name, progress=False)
             start = time.perf_counter()
-            scores = score_pool(model, _pool_loader(data.train, indices, device), backend=name, progress=progress)
+            scores = score_pool(model, data.train.loader(indices, device), backend=name, progress=progress)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rate = len(indices) / (time.perf_counter() - start)
@@ -131,7 +126,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, started: float) -> int:
-    from ..al.trainer import resolve_device
     device = resolve_device(args.device)
     data = load_digits()
     preset = replace(DEMO, trials=args.trials, cycles=args.cycles, epochs=args.epochs)

@@ -14,8 +14,8 @@ import importlib
 import inspect
 import os
 import pickle
-import sys
 import struct
+import sys
 import tarfile
 import zipfile
 
@@ -24,14 +24,14 @@ from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
+from ..al.image_folders import open_image_folder
 from ..api import rank_unlabeled
 from ..backends import backend_names
+from ..devices import resolve_device
 from ..distributed import DistributedScoringError, broadcast_module, init_from_torchrun, is_main_process
 from ..errors import SampleShapeError, UsageError
-from ..al.image_folders import open_image_folder
 from ..reduction import NORMS
 from ..scores import SCORES
-from ..al.trainer import resolve_device
 
 HELP = "rank an image folder or zip by per-sample gradient norm and write the top k to a CSV"
 
@@ -120,7 +120,7 @@ def call_factory(factory, spec: str, num_classes: int):
     return factory(**kwargs)
 
 
-def load_checkpoint(model: torch.nn.Module, path: str) -> None:
+def load_model_weights(model: torch.nn.Module, path: str) -> None:
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist or is not a file")
     try:
@@ -161,10 +161,6 @@ def is_torch_save_file(path: str) -> bool:
         if f.read(1) == b"\x80":  # a pickle (protocol 2 or newer)
             return True
     return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
-
-
-# Failures of one rank's block that are the data's fault, as DistributedScoringError lists them.
-USER_DATA_ERRORS = ("DataError:", "SampleShapeError:", "UsageError:")
 
 
 class DataError(UsageError):
@@ -254,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--k {args.k} is larger than the pool ({len(dataset)} images)")
     model = build_model(args.model, args.num_classes or len(dataset.classes))
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+        load_model_weights(model, args.checkpoint)
     elif is_main_process():
         print("gradnorm-engine rank: no --checkpoint given: scoring the model's freshly initialised weights "
               "(pass the trained weights with --checkpoint for meaningful picks)", file=sys.stderr)
@@ -275,7 +271,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"the images have different sizes ({err}); pass --image-size N to resize every "
                          "image to N x N") from None
     except DistributedScoringError as err:   # under torchrun: a rank's data error, reported to all
-        if err.failures and all(m.startswith(USER_DATA_ERRORS) for m in err.failures.values()):
+        # a failure that is the data's fault, on every rank that failed: one line, exit 2
+        if err.failures and len(err.errors) == len(err.failures) and \
+                all(isinstance(e, (UsageError, SampleShapeError)) for e in err.errors.values()):
             rank, message = next(iter(err.failures.items()))
             raise UsageError(f"rank {rank}: {message}") from None
         raise

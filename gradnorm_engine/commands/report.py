@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..al.run_folder import read_results
 from ..al.report import accuracy_table, write_report
+from ..al.run_folder import read_results
 
 HELP = "learning curves, accuracy table, timings and per-class accuracy from an al run folder"
 

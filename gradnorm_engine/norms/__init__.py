@@ -4,9 +4,11 @@ layer's rule through its class hierarchy.
 
     from gradnorm_engine.norms import find_norm_rule, register_norm_rule
 """
-from .registry import NORM_RULES, NormRule, find_norm_rule, register_norm_rule
+from .registry import (NORM_RULES, NormRule, check_rule_result, entry_problem, find_norm_rule, register_norm_rule,
+                       rule_name)
 
 # The built-in rules register themselves when their files are imported, here and only here.
 from . import conv, embedding, linear, normalization  # noqa: E402,F401
 
-__all__ = ["NORM_RULES", "NormRule", "find_norm_rule", "register_norm_rule"]
+__all__ = ["NORM_RULES", "NormRule", "check_rule_result", "entry_problem", "find_norm_rule", "register_norm_rule",
+           "rule_name"]

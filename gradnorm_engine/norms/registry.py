@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..kernels import accum_dtype  # noqa: F401  (one definition for the project, used by every rule)
+
 NormRule = Callable[[nn.Module, tuple, tuple], dict]
 
 # The one registry: layer class -> rule. Filled by the rule files that norms/__init__.py imports.
@@ -68,11 +70,34 @@ def find_norm_rule(layer: nn.Module) -> NormRule | None:
     return None
 
 
-def accum_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, float32 otherwise (also for bf16/fp16 inputs)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def wants(p: torch.Tensor | None) -> bool:
     """Whether a rule should score parameter ``p`` (present and trainable)."""
     return p is not None and p.requires_grad
+
+
+def rule_name(rule: NormRule) -> str:
+    return getattr(rule, "__qualname__", None) or getattr(rule, "__name__", None) or repr(rule)
+
+
+def entry_problem(value, batch: int) -> str | None:
+    """Why one entry of a rule's result is not per-sample squared norms [B], or None."""
+    if not isinstance(value, torch.Tensor):
+        return f"returned a {type(value).__name__}, not a tensor"
+    if value.shape != (batch,):
+        return f"returned {tuple(value.shape)}"
+    return None
+
+
+def check_rule_result(result, rule: NormRule, layer: nn.Module, batch: int, *, entries: bool = True) -> dict:
+    """A rule's answer, checked: a dict {parameter: per-sample squared norms [B]}. Raises TypeError
+    (not a dict) or, with ``entries``, ValueError (an entry of another type or shape), naming the rule."""
+    where = f"the norm rule {rule_name(rule)} for {type(layer).__name__}"
+    if not isinstance(result, dict):
+        raise TypeError(f"{where} returned a {type(result).__name__}; a rule returns a dict "
+                        "{parameter: tensor [B] of per-sample squared norms}")
+    for p, value in result.items() if entries else ():
+        problem = entry_problem(value, batch)
+        if problem:
+            raise ValueError(f"{where} {problem} for a parameter of shape {tuple(getattr(p, 'shape', ()))}; "
+                             f"a rule returns one squared norm per sample, a tensor of shape [{batch}]")
+    return result

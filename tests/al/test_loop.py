@@ -177,7 +177,7 @@ def test_an_out_that_is_a_file_is_a_usage_error(tmp_path, digits):
 
 
 def test_a_diverging_run_stops_with_one_line_naming_the_learning_rate(tmp_path, digits):
-    from gradnorm_engine.errors import TrainingDivergedError
+    from gradnorm_engine.al.trainer import TrainingDivergedError
 
     hot = Preset(**{**TINY.__dict__, "lr": 1e12})
     with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
@@ -359,7 +359,7 @@ def test_a_lossnet_strategy_on_a_model_without_stages_is_refused_before_any_work
 
 def test_weights_broken_by_the_last_step_of_a_cycle_stop_the_run(tmp_path, digits, monkeypatch):
     """The loss of every step was finite, but the last step left NaN weights."""
-    from gradnorm_engine.errors import TrainingDivergedError
+    from gradnorm_engine.al.trainer import TrainingDivergedError
 
     real_step = torch.optim.SGD.step
 

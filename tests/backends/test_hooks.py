@@ -525,7 +525,7 @@ def test_a_rule_that_fails_on_a_layer_sends_it_to_the_fallback_with_a_warning():
 @pytest.mark.parametrize("returned, message", [
     (lambda layer, b: {layer.weight: torch.zeros(())}, r"returned \(\) .* shape \[6\]"),
     (lambda layer, b: {layer.weight: torch.zeros(b, 1)}, r"returned \(6, 1\)"),
-    (lambda layer, b: {layer.weight: 0.0}, "returned float"),
+    (lambda layer, b: {layer.weight: 0.0}, "returned a float"),
     (lambda layer, b: None, "returned a NoneType"),
 ])
 def test_a_rule_returning_the_wrong_thing_is_named(returned, message):

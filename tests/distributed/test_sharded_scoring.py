@@ -20,7 +20,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset,
 
 from gradnorm_engine import rank_unlabeled, score_pool, top_k
 from gradnorm_engine.distributed import (DistributedScoringError, broadcast_module, is_main_process, loader_order,
-                                         merge_top_k, shard_bounds, shard_loader, use_sharding)
+                                         shard_bounds, shard_loader, use_sharding)
+from gradnorm_engine.ranking import merge_top_k
 
 N = 23           # pool size, divisible by neither 2 nor 3
 K = 15           # more than one rank's block (12 of 23 on 2 ranks, 8 on 3)

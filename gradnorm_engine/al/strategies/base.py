@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..datasets import ImageTensors
 from ...errors import UsageError
-from ..lossnet import LossNet, stage_taps
 from ...ranking import best_positions
+from ..datasets import ImageTensors
+from ..lossnet import LossNet, stage_taps
 from ..trainer import autocast_for, to_model_layout
 
 
@@ -44,9 +44,7 @@ class QueryContext:
 
     def loader(self, indices: torch.Tensor) -> DataLoader:
         """A DataLoader of normalised inputs [b, C, H, W] for ``indices``, in order, on ``device``."""
-        data, device = self.data, self.device
-        return DataLoader(indices.tolist(), batch_size=self.batch_size, shuffle=False,
-                          collate_fn=lambda idx: data.batch(torch.tensor(idx), device)[0])
+        return self.data.loader(indices, self.device, self.batch_size)
 
     @torch.no_grad()
     def _apply(self, indices: torch.Tensor, fn) -> torch.Tensor:
@@ -107,14 +105,26 @@ class Strategy:
     Class attributes the loop reads:
       name          the registry name (CLI, records)
       uses_lossnet  True: the model is trained jointly with LossNet; False: cross-entropy only
+      option_names  the options the strategy takes (the loop passes each strategy only these;
+                    any other option is refused)
     """
 
     name: ClassVar[str] = ""
     uses_lossnet: ClassVar[bool] = False
+    option_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options):
-        # Options a strategy does not use are ignored so the loop can pass one set to all.
+        self.check_options(options)
         self.options = options
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """UsageError naming the options ``cls`` does not take, and the ones it does."""
+        unknown = sorted(set(options) - set(cls.option_names))
+        if unknown:
+            takes = ", ".join(cls.option_names) if cls.option_names else "no options"
+            raise UsageError(f"strategy {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+                             f"it takes {takes}")
 
     def select(self, context: QueryContext, budget: int) -> torch.Tensor:
         raise NotImplementedError
@@ -143,4 +153,5 @@ def make_strategy(name: str, **options) -> Strategy:
         cls = STRATEGIES[name]
     except KeyError:
         raise UsageError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None
+    cls.check_options(options)
     return cls(**options)

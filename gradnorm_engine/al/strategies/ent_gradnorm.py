@@ -18,9 +18,10 @@ from .base import QueryContext, Strategy, register_strategy
 class EntGradNorm(Strategy):
     name = "ent-gradnorm"
     uses_lossnet = False
+    option_names = ("norm", "backend", "score")
 
-    def __init__(self, norm: str = "tensor_sum", backend: str = "auto", score: str = "entropy", **options):
-        super().__init__(**options)
+    def __init__(self, norm: str = "tensor_sum", backend: str = "auto", score: str = "entropy"):
+        super().__init__(norm=norm, backend=backend, score=score)
         self.norm = norm
         self.backend = backend
         self.score = score
