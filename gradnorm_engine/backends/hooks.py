@@ -2,19 +2,18 @@
 
     engine = HooksBackend(job); engine.sqnorms(x)   # x [B, ...] -> [B, P]
 
-1. Forward hooks on every layer with a norm rule (gradnorm_engine.norms) save the layer's
-   inputs and register a tensor hook on its output *before* anything downstream can modify it
-   in place (PyTorch hands such a hook the gradient of the value the layer returned).
-2. One ``torch.autograd.grad`` of the summed loss asks only for gradients w.r.t. layer outputs:
-   no parameter gradient is ever formed. As the backward reaches each layer, its tensor hook
-   runs the layer's rule on (saved inputs, d L / d output), adds the per-sample squared norms to
-   the result and drops the saved inputs.
-3. Exactness for any model: a measured parameter is left to the rules only when one module owns
-   it, that module ran exactly once, it has a rule, and the autograd graph shows exactly one
-   use of the parameter. Everything else (bare parameters, layers without a rule, tied weights,
-   a layer applied twice, weights read outside their module's forward) is scored by the exact
-   fallback, ``vmap(grad)`` over just those parameters (or the per-sample loop when vmap cannot
-   run the model), so per-sample gradients of a shared parameter are summed before the norm.
+The rules' pass (``rule_pass``): forward hooks on every layer with a norm rule
+(gradnorm_engine.norms) keep its inputs and hook its output; one ``torch.autograd.grad`` of
+the summed loss asks only for gradients w.r.t. layer outputs (no parameter gradient is ever
+formed), and each layer's rule turns (inputs, output gradient) into per-sample squared norms.
+
+Exactness for any model: a measured parameter is left to the rules only when one module owns
+it, that module ran exactly once, it has a rule, and the autograd graph shows exactly one use
+of the parameter. Everything else (bare parameters, layers without a rule, tied weights, a
+layer applied twice, weights read outside their module's forward) is scored by the exact
+fallback (``fallback.ExactFallback``: ``vmap(grad)`` over just those parameters, or the
+per-sample loop when vmap cannot run the model), so per-sample gradients of a shared parameter
+are summed before the norm.
 
 The model must treat the samples of a batch independently (eval mode; BatchNorm with running
 statistics) and the rules read dim 0 of a layer's input as the sample. A layer that sees
@@ -22,22 +21,31 @@ another dim first (sequence-first data) is caught when that dim's size differs f
 for when it happens to be equal, the first chunk of every new size is checked against the
 per-sample loop on two samples, and a disagreement (a model the rules cannot read) hands the
 whole job to the exact fallback with a ``HooksFallbackWarning``.
+
+What the backend learns while it runs, and how it steps down (``_Downgrades``):
+  per parameter  a parameter the rules cannot score goes to the fallback, chunk by chunk;
+  copies         a [1, ...] parameter outside every rule (position embedding, class token) is
+                 tried once with per-sample copies inside the rules' pass and kept there when
+                 it agrees with the fallback; dropped for good if a later chunk cannot take them;
+  whole job      rules that disagree with the per-sample loop hand every parameter to the fallback.
 """
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
 
 from ..job import ScoringJob, measure_only
 from ..memory import activation_elems, chunk_budget, is_out_of_memory
-from ..norms import NORM_RULES, check_rule_result, find_norm_rule, rule_name
 from .base import Backend
+from .fallback import ExactFallback
 from .loop import LoopBackend
-from .vmap import VmapBackend
+from .rule_pass import HooksFallbackWarning, RulePass, RulePlan, per_sample_copies, per_sample_sqnorm
+
+__all__ = ["HooksBackend", "HooksFallbackWarning"]
 
 # Bytes per activation entry of one sample while a chunk runs: the forward's saved activations,
 # the inputs the hooks keep, the output gradients in flight and the rules' temporaries.
@@ -56,21 +64,14 @@ CHECK_RTOL = {torch.float64: 1e-6, torch.float32: 2e-2}
 CHECK_RTOL_AUTOCAST = 0.25
 
 
-class HooksFallbackWarning(UserWarning):
-    """The rules disagreed with the per-sample loop; the job continues on the exact fallback."""
+@dataclass
+class _Downgrades:
+    """What the backend has learnt about this job's rules, chunk by chunk."""
 
-
-class _Call:
-    """One call of a hooked layer in the current forward."""
-
-    __slots__ = ("module", "inputs", "node", "edge", "active")
-
-    def __init__(self, module: nn.Module, inputs: tuple, edge):
-        self.module = module
-        self.inputs: tuple | None = inputs
-        self.edge = edge              # GradientEdge of the output, taken before any in-place op
-        self.node = edge.node
-        self.active = False           # set after the forward when the rule may score this call
+    checked_sizes: set[int] = field(default_factory=set)   # chunk sizes already checked against the loop
+    rules_disagree: bool = False                            # the check failed: the fallback scores all
+    copied: dict[str, nn.Parameter] = field(default_factory=dict)   # [1, ...] parameters scored by copies
+    copies_tried: bool = False
 
 
 class HooksBackend(Backend):
@@ -83,29 +84,20 @@ class HooksBackend(Backend):
 
     def __init__(self, job: ScoringJob):
         super().__init__(job)
-        model = job.model
-        self.columns = {id(p): j for j, (_, p) in enumerate(job.params)}
-        owners: dict[int, list[nn.Module]] = {}
-        for m in model.modules():
-            for p in m._parameters.values():
-                if p is not None:
-                    owners.setdefault(id(p), []).append(m)
-        # Layers whose rule may score some measured parameter: owned by this layer alone.
-        self.ruled: list[tuple[nn.Module, object, list[nn.Parameter]]] = []
-        for m in model.modules():
-            rule = _trusted_rule(m)
-            mine = [p for p in m._parameters.values()
-                    if p is not None and id(p) in self.columns and len(owners[id(p)]) == 1]
-            if rule is not None and mine:
-                self.ruled.append((m, rule, mine))
+        self.plan = RulePlan(job)
+        self.downgrades = _Downgrades()
         self._fallbacks: dict[tuple[str, ...], Backend] = {}
         self.last_fallback: tuple[str, ...] = ()   # names scored by the fallback in the last chunk
-        self._checked_sizes: set[int] = set()       # chunk sizes already checked against the loop
-        self.distrusted = False                     # the rules failed the check: fallback only
-        # Parameters of shape [1, ...] outside every rule (position embeddings, class tokens)
-        # scored by per-sample copies inside the main pass, once checked (see _try_copies).
-        self.copied: dict[str, nn.Parameter] = {}
-        self._copies_tried = False
+
+    @property
+    def ruled(self) -> list:
+        """(layer, rule, its measured parameters) for every layer the rules may score."""
+        return self.plan.ruled
+
+    @property
+    def copied(self) -> dict[str, nn.Parameter]:
+        """The [1, ...] parameters scored by per-sample copies inside the rules' pass."""
+        return self.downgrades.copied
 
     @classmethod
     def supports(cls, job: ScoringJob) -> bool:
@@ -126,42 +118,48 @@ class HooksBackend(Backend):
         itemsize = torch.finfo(job.accum_dtype).bits // 8
         act = activation_elems(job.model, example, job.autocast_context)
         # The Gram form and the unfolded patches hold up to about one weight's size per sample.
-        widest = max((p.numel() for _, _, ps in self.ruled for p in ps), default=0)
-        per_sample = itemsize * (ACTIVATION_COPIES * act + widest)
+        per_sample = itemsize * (ACTIVATION_COPIES * act + self.plan.widest())
         return max(1, min(MAX_CHUNK, chunk_budget(job.device, job.max_memory) // per_sample))
 
     def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
-        job = self.job
+        job, state = self.job, self.downgrades
         with measure_only(job):
-            if self.distrusted or not self.ruled:  # nothing for the rules: skip their forward
-                self.last_fallback = tuple(n for n, _ in job.params)
-                return self._fallback(job.params).sqnorms(x).to(job.accum_dtype)
+            if state.rules_disagree or not self.plan.ruled:  # nothing for the rules: skip their forward
+                return self._all_by_fallback(x)
             out = torch.zeros(x.shape[0], len(job.params), dtype=job.accum_dtype, device=x.device)
-            try:
-                needs_fallback = self._forward_and_backward(x, out)
-            except Exception as err:  # noqa: BLE001 - see below
-                if not self.copied or is_out_of_memory(err):
-                    raise
-                # The per-sample copies, checked on an earlier chunk, do not fit this one (a
-                # shape that depends on the batch size): back to the fallback for good.
-                self.copied = {}
-                out.zero_()
-                needs_fallback = self._forward_and_backward(x, out)
-            fallback = [(n, p) for n, p in job.params if id(p) in needs_fallback]
+            fallback = self._by_rules(x, out)
             self.last_fallback = tuple(n for n, _ in fallback)
             if fallback:
-                cols = [self.columns[id(p)] for _, p in fallback]
+                cols = [self.plan.columns[id(p)] for _, p in fallback]
                 out[:, cols] = self._fallback(fallback).sqnorms(x).to(out.dtype)
-                if not self._copies_tried:
-                    self._copies_tried = True
-                    self.copied = self._try_copies(x, fallback, out)
-            if x.shape[0] not in self._checked_sizes:
-                self._checked_sizes.add(x.shape[0])
+                if not state.copies_tried:
+                    state.copies_tried = True
+                    state.copied = self._try_copies(x, fallback, out)
+            if x.shape[0] not in state.checked_sizes:
+                state.checked_sizes.add(x.shape[0])
                 if not self._agrees_with_loop(x, out):
-                    self.distrusted = True
-                    self.last_fallback = tuple(n for n, _ in job.params)
-                    return self._fallback(job.params).sqnorms(x).to(job.accum_dtype)
+                    state.rules_disagree = True
+                    return self._all_by_fallback(x)
         return out
+
+    def _by_rules(self, x: torch.Tensor, out: torch.Tensor) -> list[tuple[str, nn.Parameter]]:
+        """The rules' pass over ``x`` into ``out``; -> the (name, parameter)s left to the fallback."""
+        state = self.downgrades
+        try:
+            needs_fallback = RulePass(self.plan, self.job, x.shape[0]).run(x, out, state.copied)
+        except Exception as err:  # noqa: BLE001 - see below
+            if not state.copied or is_out_of_memory(err):
+                raise
+            # The per-sample copies, checked on an earlier chunk, do not fit this one (a
+            # shape that depends on the batch size): back to the fallback for good.
+            state.copied = {}
+            out.zero_()
+            needs_fallback = RulePass(self.plan, self.job, x.shape[0]).run(x, out)
+        return [(n, p) for n, p in self.job.params if id(p) in needs_fallback]
+
+    def _all_by_fallback(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_fallback = tuple(n for n, _ in self.job.params)
+        return self._fallback(self.job.params).sqnorms(x).to(self.job.accum_dtype)
 
     def _try_copies(self, x: torch.Tensor, fallback: list, out: torch.Tensor) -> dict[str, nn.Parameter]:
         """Which fallback parameters per-sample copies can score from now on.
@@ -186,7 +184,7 @@ class HooksBackend(Backend):
         rtol = _check_rtol(self.job, out.dtype)
         agreed = {}
         for name, p in named:
-            want = out[:n, self.columns[id(p)]]
+            want = out[:n, self.plan.columns[id(p)]]
             got = copies[name].to(out.dtype)
             if bool(((got - want).abs() <= rtol * want.abs() + 1e-30).all()):
                 agreed[name] = p
@@ -194,10 +192,10 @@ class HooksBackend(Backend):
 
     def _copy_sqnorms(self, x: torch.Tensor, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Per-sample squared norms of ``named`` parameters through per-sample copies [B, ...]."""
-        copies = _per_sample_copies(named, x.shape[0])
+        copies = per_sample_copies(named, x.shape[0])
         loss = self.job.losses(x, copies).sum()
         grads = torch.autograd.grad(loss, list(copies.values()), allow_unused=True)
-        return {n: _per_sample_sqnorm(g, x.shape[0], self.job.accum_dtype, x.device)
+        return {n: per_sample_sqnorm(g, x.shape[0], self.job.accum_dtype, x.device)
                 for n, g in zip(copies, grads)}
 
     def _agrees_with_loop(self, x: torch.Tensor, out: torch.Tensor) -> bool:
@@ -229,103 +227,11 @@ class HooksBackend(Backend):
             HooksFallbackWarning, stacklevel=3)
         return False
 
-    def _forward_and_backward(self, x: torch.Tensor, out: torch.Tensor) -> set[int]:
-        """Fill ``out`` with every rule-scored column; return the ids of measured parameters
-        that need the fallback."""
-        job = self.job
-        calls: list[_Call] = []
-        missed: set[int] = set()   # parameters a rule did not return: they go to the fallback
-        found: dict[int, torch.Tensor] = {}   # column -> per-sample squared norms from the rules
-        # Checked [1, ...] parameters take per-sample copies in this forward (see _try_copies).
-        copies = _per_sample_copies(self.copied, x.shape[0])
-        handles = []
-        try:
-            for module, rule, mine in self.ruled:
-                # prepend: the rule needs the layer's own output, before a user's forward hook
-                # can replace it (hooks run in order, each given the previous one's result)
-                handles.append(module.register_forward_hook(
-                    self._recorder(module, rule, mine, calls, found, missed, x.shape[0]), prepend=True))
-            loss = job.losses(x, copies).sum()
-        finally:
-            for h in handles:
-                h.remove()
-        if not loss.requires_grad:
-            return set()  # no measured parameter reaches the loss: every norm is 0
-
-        fired: dict[nn.Module, int] = {}
-        for c in calls:
-            fired[c.module] = fired.get(c.module, 0) + 1
-        single = {c.node for c in calls if fired[c.module] == 1}
-        uses, reachable, above_another = _graph_facts(loss.grad_fn, {c.node for c in calls}, single)
-        covered: set[int] = set()
-        for module, _, mine in self.ruled:
-            if fired.get(module) == 1:
-                covered.update(id(p) for p in mine if uses.get(id(p), 0) == 1)
-        for c in calls:
-            c.active = c.node in single and c.node in reachable
-        # Capture only the outputs nearest the input: the backward to them passes through every
-        # other active layer output, whose tensor hooks then fire on the way.
-        edges = [c.edge for c in calls if c.active and c.node not in above_another]
-        try:
-            if edges or copies:
-                grads = torch.autograd.grad(loss, [*edges, *copies.values()], allow_unused=True)
-                for name, g in zip(copies, grads[len(edges):]):
-                    found[self.columns[id(self.copied[name])]] = _per_sample_sqnorm(
-                        g, x.shape[0], job.accum_dtype, x.device)
-        finally:
-            # Break the cycle output node -> tensor hook -> call -> node: autograd nodes are not
-            # traversed by Python's collector, so the cycle would keep every chunk's graph alive.
-            for c in calls:
-                c.inputs = c.edge = c.node = None
-        if found:  # one write for all columns instead of one per parameter
-            cols = list(found)
-            out[:, cols] = torch.stack([found[j].to(out.dtype) for j in cols], dim=1)
-        covered -= missed
-        return {id(p) for _, p in job.params if uses.get(id(p), 0) > 0 and id(p) not in covered}
-
-    def _recorder(self, module, rule, mine, calls: list, found: dict, missed: set, batch: int):
-        columns = self.columns
-
-        def on_forward(_module, inputs, output):
-            # A call the rule cannot read (no grad, keyword-only input, samples folded into
-            # other dims as in x.view(-1, d)) is not recorded: the module's parameters then
-            # go to the fallback.
-            if not isinstance(output, torch.Tensor) or not output.requires_grad or not inputs \
-                    or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() == 0 \
-                    or inputs[0].shape[0] != batch or output.dim() == 0 or output.shape[0] != batch:
-                return
-            call = _Call(module, inputs, get_gradient_edge(output))
-            calls.append(call)
-
-            def on_grad(grad: torch.Tensor) -> None:
-                if not call.active or call.inputs is None:
-                    return
-                inputs, call.inputs = call.inputs, None   # nothing is kept past its layer
-                try:
-                    result = rule(module, inputs, (grad,))
-                except Exception as err:  # noqa: BLE001 - a layer the rule cannot read: exact fallback
-                    if is_out_of_memory(err):
-                        raise
-                    _warn_rule_failed(rule, module, err)
-                    missed.update(id(p) for p in mine)
-                    return
-                norms = {id(p): v for p, v in check_rule_result(result, rule, module, batch).items()}
-                for p in mine:
-                    if id(p) in norms:
-                        col = columns[id(p)]
-                        found[col] = found[col] + norms[id(p)] if col in found else norms[id(p)]
-                    else:
-                        missed.add(id(p))
-
-            output.register_hook(on_grad)
-
-        return on_forward
-
     def _fallback(self, params: list[tuple[str, nn.Parameter]]) -> Backend:
         key = tuple(n for n, _ in params)
         engine = self._fallbacks.get(key)
         if engine is None:
-            engine = _ExactFallback(dataclasses.replace(self.job, params=params))
+            engine = ExactFallback(dataclasses.replace(self.job, params=params))
             self._fallbacks[key] = engine
         return engine
 
@@ -338,157 +244,3 @@ class HooksBackend(Backend):
 def _check_rtol(job: ScoringJob, dtype: torch.dtype) -> float:
     """The self-checks' relative tolerance for squared norms of this dtype and precision."""
     return CHECK_RTOL_AUTOCAST if job.autocast is not None else CHECK_RTOL.get(dtype, 1e-3)
-
-
-def _per_sample_copies(named: dict[str, nn.Parameter], batch: int) -> dict[str, torch.Tensor]:
-    """For each [1, ...] parameter, ``batch`` leaf copies [batch, ...] of its values."""
-    return {n: p.detach().expand(batch, *p.shape[1:]).clone().requires_grad_(True) for n, p in named.items()}
-
-
-def _per_sample_sqnorm(g: torch.Tensor | None, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """||g_b||^2 per row of a per-sample gradient [B, ...] (zeros where it is unused)."""
-    if g is None:
-        return torch.zeros(batch, dtype=dtype, device=device)
-    return g.to(dtype).flatten(1).pow(2).sum(dim=1)
-
-
-def _trusted_rule(module: nn.Module):
-    """The module's rule, if its computation is the one the rule was written for: a rule
-    inherited from a base class is used only when the subclass keeps that class's forward and
-    every method it calls (a subclass that pads in its own ``_conv_forward`` or rescales in its
-    own ``forward`` goes to the fallback unless it registers a rule)."""
-    rule = find_norm_rule(module)
-    if rule is None:
-        return None
-    for cls in type(module).__mro__:
-        if NORM_RULES.get(cls) is rule:
-            return rule if _same_computation(type(module), cls) else None
-    return None
-
-
-# Methods a subclass may override without changing what the layer computes.
-HARMLESS_OVERRIDES = {"extra_repr", "reset_parameters", "_load_from_state_dict", "_save_to_state_dict"}
-
-
-def _same_computation(sub: type, cls: type) -> bool:
-    """``sub`` keeps every method ``cls`` and its bases below nn.Module define (dunders aside)."""
-    for klass in cls.__mro__:
-        if klass is nn.Module or not issubclass(klass, nn.Module):
-            break
-        for name, value in vars(klass).items():
-            if callable(value) and not name.startswith("__") and name not in HARMLESS_OVERRIDES:
-                if getattr(sub, name, None) is not getattr(cls, name, None):
-                    return False
-    return True
-
-
-def _warn_rule_failed(rule, module: nn.Module, err: Exception) -> None:
-    warnings.warn(
-        f"backend='hooks': the norm rule {rule_name(rule)} failed on a {type(module).__name__} "
-        f"({type(err).__name__}: {err}); that layer's parameters are scored exactly by the fallback "
-        "(vmap/loop), more slowly. Register a rule for this layer type to speed it up.",
-        HooksFallbackWarning, stacklevel=2)
-
-
-class _ExactFallback(Backend):
-    """vmap(grad) over a few parameters; the per-sample loop if vmap cannot run the model.
-
-    Runs the chunk in pieces of vmap's own chunk size: vmap holds one gradient per sample of
-    every parameter it scores (a tied embedding can be large), the rules do not.
-    """
-
-    name = "hooks-fallback"
-
-    def __init__(self, job):
-        super().__init__(job)
-        # vmap refuses some jobs up front (BatchNorm under autocast): those start on the loop
-        self.engine: Backend = VmapBackend(job) if VmapBackend.supports(job) else LoopBackend(job)
-        self.piece: int | None = None
-
-    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
-        if self.piece is None:
-            self.piece = max(1, int(self.engine.chunk_size(x[:1])))
-        return torch.cat([self._run(part) for part in x.split(self.piece)])
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.engine, VmapBackend):
-            try:
-                return self.engine.sqnorms(x)
-            except Exception as err:  # noqa: BLE001 - any vmap limitation; OOM goes up to halve the chunk
-                if is_out_of_memory(err):
-                    raise
-                self.engine = LoopBackend(self.job)
-        return self.engine.sqnorms(x)
-
-
-def _graph_facts(root, hooked: set, candidates: set):
-    """Walk the autograd graph from ``root`` once.
-
-    hooked: the output nodes of every recorded layer call; candidates: those whose rule will
-    run. Returns (uses, reachable, above_another):
-      uses[id(param)]  how many times the forward used each leaf parameter. Edges into its
-                       AccumulateGrad count one each, except that a single-input node (a cast,
-                       a transpose) that is not a layer output passes on the count of its own
-                       consumers, so autocast's cached weight cast used twice counts twice.
-      reachable        the hooked nodes the loss reaches.
-      above_another    the candidate nodes with another candidate node somewhere below them.
-    """
-    parents: dict = {root: []}
-    children: dict = {}
-    order = []
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        order.append(node)
-        kids = [nxt for nxt, _ in node.next_functions if nxt is not None]
-        children[node] = kids
-        for nxt in kids:
-            if nxt not in parents:
-                parents[nxt] = []
-                stack.append(nxt)
-            parents[nxt].append(node)
-
-    through: dict = {}
-
-    def uses_through(node) -> int:
-        if node in through:
-            return through[node]
-        if node is root or node in hooked or len(children[node]) != 1:
-            count = 1
-        else:
-            count = sum(uses_through(p) for p in parents[node])
-        through[node] = count
-        return count
-
-    uses: dict[int, int] = {}
-    for node in order:
-        variable = getattr(node, "variable", None)
-        if variable is not None and type(node).__name__ == "AccumulateGrad":
-            uses[id(variable)] = uses.get(id(variable), 0) + sum(uses_through(p) for p in parents[node])
-
-    # Whether a candidate lies below each node, children before parents.
-    has_below: dict = {}
-    for node in _topological(root, children):
-        has_below[node] = any(kid in candidates or has_below[kid] for kid in children[node])
-    above_another = {n for n in candidates if has_below.get(n, False)}
-    reachable = {n for n in hooked if n in parents}
-    return uses, reachable, above_another
-
-
-def _topological(root, children) -> list:
-    """Nodes so that every node comes after all nodes below it (children first)."""
-    seen, result = set(), []
-    stack = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            result.append(node)
-            continue
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.append((node, True))
-        for kid in children[node]:
-            if kid not in seen:
-                stack.append((kid, False))
-    return result

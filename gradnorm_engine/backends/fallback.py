@@ -1,0 +1,40 @@
+"""The exact fallback of the hooks backend: vmap(grad) over a few parameters, or the loop."""
+from __future__ import annotations
+
+import torch
+
+from ..memory import is_out_of_memory
+from .base import Backend
+from .loop import LoopBackend
+from .vmap import VmapBackend
+
+
+class ExactFallback(Backend):
+    """vmap(grad) over a few parameters; the per-sample loop if vmap cannot run the model.
+
+    Runs the chunk in pieces of vmap's own chunk size: vmap holds one gradient per sample of
+    every parameter it scores (a tied embedding can be large), the rules do not.
+    """
+
+    name = "hooks-fallback"
+
+    def __init__(self, job):
+        super().__init__(job)
+        # vmap refuses some jobs up front (BatchNorm under autocast): those start on the loop
+        self.engine: Backend = VmapBackend(job) if VmapBackend.supports(job) else LoopBackend(job)
+        self.piece: int | None = None
+
+    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+        if self.piece is None:
+            self.piece = max(1, int(self.engine.chunk_size(x[:1])))
+        return torch.cat([self._run(part) for part in x.split(self.piece)])
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.engine, VmapBackend):
+            try:
+                return self.engine.sqnorms(x)
+            except Exception as err:  # noqa: BLE001 - any vmap limitation; OOM goes up to halve the chunk
+                if is_out_of_memory(err):
+                    raise
+                self.engine = LoopBackend(self.job)
+        return self.engine.sqnorms(x)
