@@ -1,7 +1,8 @@
 """``gradnorm-engine``: one entry point, one module per subcommand in ``gradnorm_engine.commands``.
 
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int``. A ``UsageError`` raised by a command prints one line and exits 2.
+``run(args) -> int``. A ``UsageError`` raised by a command, or a ``MissingExtraError`` (an optional
+package not installed), prints one line and exits 2.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import importlib
 import sys
 
 from .errors import UsageError
+from .extras import MissingExtraError
 
 # subcommand -> module under gradnorm_engine.commands
 COMMANDS = {
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except UsageError as err:
+    except (UsageError, MissingExtraError) as err:
         print(f"gradnorm-engine {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..errors import UsageError
+from ..extras import require
 
 # Per-channel statistics used by the reference code for CIFAR; other datasets use their own
 # train split's statistics.
@@ -142,7 +143,8 @@ def _stats(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _stratified_split(labels: np.ndarray, test_size: int | float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", extra="al", feature="a stratified split",
+                               distribution="scikit-learn").train_test_split
     idx = np.arange(len(labels))
     train, test = train_test_split(idx, test_size=test_size, random_state=seed, stratify=labels)
     return np.sort(train), np.sort(test)
@@ -150,8 +152,8 @@ def _stratified_split(labels: np.ndarray, test_size: int | float, seed: int = 0)
 
 def load_digits() -> ALDataset:
     """scikit-learn's 8x8 digits, upsampled to 16x16, fixed stratified 1,437 / 360 split."""
-    from sklearn.datasets import load_digits as sk_digits
-    bunch = sk_digits()
+    sk_datasets = require("sklearn.datasets", extra="al", feature="the digits dataset", distribution="scikit-learn")
+    bunch = sk_datasets.load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8), 0..1
     x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
     images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -199,7 +201,7 @@ def _torchvision(name: str, root: str, download: bool) -> ALDataset:
 
 
 def _read_torchvision(name: str, root: str, download: bool) -> ALDataset:
-    import torchvision.datasets as tvd
+    tvd = require("torchvision.datasets", extra="al", feature=f"the {name} dataset")
     if name in ("cifar10", "cifar100"):
         cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
         tr = cls(root, train=True, download=download)
@@ -219,8 +221,8 @@ def _read_torchvision(name: str, root: str, download: bool) -> ALDataset:
 
 def _decode_folder(dataset, image_size: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of an ImageFolder-like dataset, RGB, resized to image_size x image_size."""
-    from PIL import UnidentifiedImageError
-    from torchvision.transforms.functional import pil_to_tensor
+    UnidentifiedImageError = require("PIL", extra="al", feature="image folders", distribution="Pillow").UnidentifiedImageError
+    pil_to_tensor = require("torchvision.transforms.functional", extra="al", feature="image folders").pil_to_tensor
     n = len(dataset)
     if n == 0:
         raise UsageError(f"{where}: holds no images; expected <class>/<image> files")

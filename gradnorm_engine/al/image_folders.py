@@ -20,10 +20,12 @@ import zipfile
 from pathlib import PurePosixPath
 from typing import Callable
 
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
+from ..extras import require
+
+Image = require("PIL.Image", extra="al", feature="gradnorm_engine.al.image_folders", distribution="Pillow")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 ROOT_OPTION = "root= / --root"

@@ -18,6 +18,7 @@ import statistics
 from collections import defaultdict
 
 from ..errors import UsageError
+from ..extras import require
 from .run_folder import read_results
 
 CURVES = "curves.png"
@@ -105,10 +106,9 @@ def per_class_means(records: list[dict], size: int) -> dict[str, list[float]]:
 
 
 def _plt():
-    import matplotlib
+    matplotlib = require("matplotlib", extra="al", feature="the report's figures")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    return require("matplotlib.pyplot", extra="al", feature="the report's figures")
 
 
 def plot_curves(records: list[dict], path: str, title: str | None = None) -> str:

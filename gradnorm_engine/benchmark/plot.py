@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..extras import require
 from .methods import FLOORS
 
 FLOOR_STYLE = {"forward": ("tab:green", "forward (inference floor)"),
@@ -18,10 +19,9 @@ FLOOR_STYLE = {"forward": ("tab:green", "forward (inference floor)"),
 
 
 def plot_methods(report: dict, path: str | Path) -> Path:
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="bench", feature="the benchmark plot")
     matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", extra="bench", feature="the benchmark plot")
 
     rows = report["rows"]
     bars = [r for r in rows if r["method"] not in FLOORS]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..al import models
+from ..extras import require
 
 DTYPES = ("fp32", "tf32", "bf16")
 TRANSFORMER_SIZE = dict(vocab_size=8000, num_classes=4, dim=256, heads=8, depth=4, max_len=128)
@@ -65,9 +66,8 @@ def _tokens(b: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _mobilenet(_width: int) -> nn.Module:
-    import torchvision
-
-    return torchvision.models.mobilenet_v3_small(weights=None)
+    models_ = require("torchvision.models", extra="bench", feature="the mobilenet benchmark workload")
+    return models_.mobilenet_v3_small(weights=None)
 
 
 MODELS: dict[str, _Spec] = {

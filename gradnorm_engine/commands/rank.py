@@ -20,16 +20,15 @@ import tarfile
 import zipfile
 
 import torch
-from PIL import UnidentifiedImageError
 from torch.utils.data import Dataset
 from torch.utils.data.dataloader import default_collate
 
-from ..al.image_folders import open_image_folder
 from ..api import rank_unlabeled
 from ..backends import backend_names
 from ..devices import resolve_device
 from ..distributed import DistributedScoringError, broadcast_module, init_from_torchrun, is_main_process
 from ..errors import SampleShapeError, UsageError
+from ..extras import require
 from ..reduction import NORMS
 from ..scores import SCORES
 
@@ -86,7 +85,7 @@ def build_model(spec: str, num_classes: int) -> torch.nn.Module:
             raise UsageError(f"model factory {spec} returned {type(model).__name__}, not a torch.nn.Module; "
                              "make it return the model")
         return model
-    import torchvision.models as tvm
+    tvm = require("torchvision.models", extra="al", feature="gradnorm-engine rank")
     if spec not in tvm.list_models(module=tvm):
         raise UsageError(f"unknown torchvision model {spec!r}; use a name from torchvision.models.list_models() "
                          "or module:factory for your own model")
@@ -189,9 +188,10 @@ class ReadableImages(Dataset):
     def __getitem__(self, index: int):
         try:
             return self.dataset[index]
-        except (UnidentifiedImageError, OSError) as err:  # UnidentifiedImageError is an OSError too
+        except OSError as err:  # PIL's UnidentifiedImageError is an OSError too
             name = self.dataset.samples[index][0]
             # PIL names a zip member's buffer (<_io.BytesIO ...>), not the file: say it in words.
+            from PIL import UnidentifiedImageError   # the folder reads images with PIL: it is there
             reason = "not a format PIL can decode" if isinstance(err, UnidentifiedImageError) else err
             raise DataError(f"{self.where}: {name} is not a readable image ({reason}); remove it or fix "
                             "the folder") from err
@@ -234,7 +234,8 @@ def check_sizes(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torchvision.transforms as T
+    T = require("torchvision.transforms", extra="al", feature="gradnorm-engine rank")
+    from ..al.image_folders import open_image_folder   # Pillow, from the al extra: imported when used
 
     # Everything the user can get wrong is checked before the (long) scoring pass.
     check_sizes(args)

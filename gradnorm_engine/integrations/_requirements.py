@@ -5,10 +5,11 @@ The adapters import their library only when the adapter module itself is importe
 """
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
-INSTALL_HINT = 'pip install -e ".[integrations]" (from the gradnorm-engine checkout)'
+from ..extras import install_hint, require as require_extra
+
+INSTALL_HINT = install_hint("integrations")
 
 
 def require(module: str, *, distribution: str, adapter: str) -> ModuleType:
@@ -17,10 +18,5 @@ def require(module: str, *, distribution: str, adapter: str) -> ModuleType:
     ``distribution`` is the name pip knows the library by (``modAL-python`` for ``modAL``),
     ``adapter`` the gradnorm_engine module that needs it.
     """
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(
-            f"gradnorm_engine.integrations.{adapter} needs {distribution} (module {module!r}), "
-            f"which could not be imported ({err}); install the integrations extra: {INSTALL_HINT}"
-        ) from err
+    return require_extra(module, extra="integrations", feature=f"gradnorm_engine.integrations.{adapter}",
+                         distribution=distribution)
