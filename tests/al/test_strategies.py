@@ -42,6 +42,14 @@ def test_registry_holds_the_six_strategies_and_their_training_needs():
         make_strategy("badge")
 
 
+def test_an_option_a_strategy_does_not_take_is_refused_with_the_ones_it_takes():
+    with pytest.raises(UsageError, match="strategy 'lplgrad' has no option 'nrom'; it takes norm, backend, score"):
+        make_strategy("lplgrad", nrom="frobenius")
+    with pytest.raises(UsageError, match="strategy 'random' has no option 'norm'; it takes no options"):
+        make_strategy("random", norm="frobenius")
+    assert make_strategy("ent-gradnorm", norm="frobenius").norm == "frobenius"
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_picks_budget_distinct_subset_members(context, name):
     picked = make_strategy(name).select(context, BUDGET)
