@@ -28,6 +28,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -37,13 +38,13 @@ from ..devices import resolve_device
 from ..distributed import broadcast_module, is_main_process, on_main_process
 from ..errors import UsageError
 from ..reduction import NORMS
-from .datasets import ALDataset, load_dataset
+from .datasets import ALDataset, ImageTensors, load_dataset
 from .lossnet import LossNet, has_stage_taps, lossnet_for
 from .models import cifar_resnet18
 from .presets import Preset, check_settings
 from .run_folder import (CONFIG, RESULTS, atomic_torch_save, atomic_write_bytes, check_checkpoints_cover_results,
                          checkpoint_path, load_all_records, load_trial_state, make_out_folder, write_results)
-from .strategies import STRATEGIES, QueryContext, make_strategy
+from .strategies import STRATEGIES, QueryContext, Strategy, make_strategy
 from .trainer import TrainConfig, evaluate, place_split, train
 
 
@@ -178,7 +179,7 @@ def _check_lossnet_fits(data: ALDataset, preset: Preset, factory: ModelFactory, 
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The configuration: strategy options and the checks of a run's settings
 
 
 def strategy_options(config: ALConfig, name: str) -> dict:
@@ -231,6 +232,10 @@ def validate(config: ALConfig, pool_size: int) -> None:
             "lower --subset, --budget, --cycles or --initial")
 
 
+# ---------------------------------------------------------------------------------------------
+# The run folder's settings
+
+
 def _prepare_out(config: ALConfig, data: ALDataset) -> None:
     """Create ``config.out`` and write its config.json, or check it against the run there."""
     make_out_folder(config.out)
@@ -245,30 +250,281 @@ def _prepare_out(config: ALConfig, data: ALDataset) -> None:
     if config.resume and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        # Keys a run of an older version did not save: compared with the value that version
-        # always used where there was one, not compared otherwise.
-        saved = {**RESUME_DEFAULTS, **saved}
-        different = [(k, saved[k], settings.get(k)) for k in RESUME_KEYS if k in saved and saved[k] != settings.get(k)]
-        saved_data, data_now = saved.get("data", {}), settings["data"]
-        different += [(f"data {k}", saved_data.get(k), data_now.get(k)) for k in RESUME_DATA_KEYS
-                      if saved_data.get(k) != data_now.get(k)]
-        if different:
-            shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in different)
-            raise UsageError(f"--resume with settings that differ from the run in {config.out} ({shown}); "
-                             "use the same settings and data, or another --out")
-        settings["strategies"] = list(dict.fromkeys(saved.get("strategies", []) + settings["strategies"]))
-        settings["trials"] = max(saved.get("trials", 0), settings["trials"])
-        settings["cycles"] = max(saved.get("cycles", 0), settings["cycles"])
+        settings = _resumed_settings(config.out, saved, settings)
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
 
 
+def _resumed_settings(out: str, saved: dict, settings: dict) -> dict:
+    """The config.json of a resume of the run in ``out``, whose config.json holds ``saved``:
+    ``settings`` with the strategies, trials and cycles of both runs. UsageError naming every
+    setting (RESUME_KEYS, RESUME_DATA_KEYS) that differs from the saved run's."""
+    # Keys a run of an older version did not save: compared with the value that version
+    # always used where there was one, not compared otherwise.
+    saved = {**RESUME_DEFAULTS, **saved}
+    different = [(k, saved[k], settings.get(k)) for k in RESUME_KEYS if k in saved and saved[k] != settings.get(k)]
+    saved_data, data_now = saved.get("data", {}), settings["data"]
+    different += [(f"data {k}", saved_data.get(k), data_now.get(k)) for k in RESUME_DATA_KEYS
+                  if saved_data.get(k) != data_now.get(k)]
+    if different:
+        shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in different)
+        raise UsageError(f"--resume with settings that differ from the run in {out} ({shown}); "
+                         "use the same settings and data, or another --out")
+    return {**settings, "strategies": list(dict.fromkeys(saved.get("strategies", []) + settings["strategies"])),
+            "trials": max(saved.get("trials", 0), settings["trials"]),
+            "cycles": max(saved.get("cycles", 0), settings["cycles"])}
+
+
 def _ordered_records(all_records: dict[tuple[str, int], list[dict]], strategy_order: list[str]) -> list[dict]:
+    """The records of every (strategy, trial), in file order: by trial, then by ``strategy_order``
+    (strategies not in it last, by name), each run's cycles in order."""
     rank = {s: i for i, s in enumerate(strategy_order)}
     keys = sorted(all_records, key=lambda k: (k[1], rank.get(k[0], len(rank)), k[0]))
     return [r for k in keys for r in all_records[k]]
 
 
+# ---------------------------------------------------------------------------------------------
+# One (strategy, trial): what it carries from cycle to cycle, and its checkpoint
+
+
+@dataclass
+class TrialState:
+    """What one (strategy, trial) carries from cycle to cycle: the weights, L and U, its two random
+    streams, the cycles done (each ended with its query) and their records.
+
+    Its checkpoint (``to_checkpoint``) also holds the global torch and CUDA random-number states,
+    which ``fresh`` seeds and ``from_checkpoint`` restores.
+    """
+
+    model: nn.Module
+    lossnet: LossNet | None
+    labeled: torch.Tensor
+    unlabeled: torch.Tensor
+    train_generator: torch.Generator
+    query_generator: torch.Generator
+    cycle: int = 0
+    records: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def fresh(cls, model: nn.Module, lossnet: LossNet | None, pool_size: int, initial: int, seed: int,
+              trial: int) -> TrialState:
+        """No cycle done yet: the initial split of ``trial`` and its random streams, derived from
+        (``seed``, ``trial``); seeds the global torch RNG."""
+        labeled, unlabeled = initial_split(pool_size, initial, _generator(derive_seed(seed, trial, "initial")))
+        # Shared by the trial's strategies (common random numbers): CE-only strategies
+        # train identically in cycle 1 and differ only through what they query.
+        train_generator = _generator(derive_seed(seed, trial, "train"))
+        query_generator = _generator(derive_seed(seed, trial, "query"))
+        torch.manual_seed(derive_seed(seed, trial, "torch"))
+        return cls(model, lossnet, labeled, unlabeled, train_generator, query_generator)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, model: nn.Module, lossnet: LossNet | None,
+                        device: torch.device) -> TrialState:
+        """The state a checkpoint saved: its weights loaded into ``model`` (and ``lossnet``); sets
+        the global torch RNG (and, on a GPU, the CUDA RNG when the checkpoint holds one)."""
+        model.load_state_dict(checkpoint["model"])
+        if lossnet is not None:
+            lossnet.load_state_dict(checkpoint["lossnet"])
+        train_generator, query_generator = torch.Generator(), torch.Generator()
+        train_generator.set_state(checkpoint["train_generator"])
+        query_generator.set_state(checkpoint["query_generator"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
+        return cls(model, lossnet, checkpoint["labeled"], checkpoint["unlabeled"], train_generator, query_generator,
+                   checkpoint["cycle"], list(checkpoint["records"]))
+
+    def to_checkpoint(self, device: torch.device) -> dict:
+        """The checkpoint dict: this state with the weights on the CPU, and the global RNG states."""
+        return {
+            "cycle": self.cycle, "labeled": self.labeled, "unlabeled": self.unlabeled,
+            "model": _cpu_state(self.model),
+            "lossnet": None if self.lossnet is None else _cpu_state(self.lossnet),
+            "train_generator": self.train_generator.get_state(), "query_generator": self.query_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "records": self.records,
+        }
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict, detached, on the CPU."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class _Run:
+    """What every (strategy, trial) of one run_active_learning call shares."""
+
+    config: ALConfig
+    data: ALDataset
+    strategies: dict[str, Strategy]
+    model_factory: ModelFactory
+    device: torch.device
+    train_split: ImageTensors        # data.train and data.test, placed on the device
+    test_split: ImageTensors
+    train_config: TrainConfig
+    all_records: dict[tuple[str, int], list[dict]]   # every (strategy, trial)'s records so far
+    hook: Hook
+    log: Callable[[str], None]
+    progress: bool                   # show progress bars
+    main: bool                       # the process that writes config.out
+
+    def initial_models(self, trial: int, strategy: Strategy) -> tuple[nn.Module, LossNet | None]:
+        """The initial weights of ``trial`` (and its LossNet where ``strategy`` trains one)."""
+        seed = derive_seed(self.config.seed, trial, "init")
+        return _fresh_models(self.data, self.config.preset, self.model_factory, seed, strategy.uses_lossnet, self.device)
+
+
+class _Trained(NamedTuple):
+    """A cycle's training: test accuracy and per-class test accuracy in percent, its seconds."""
+    test_acc: float
+    per_class_acc: list[float]
+    seconds: float
+
+
+class _Query(NamedTuple):
+    """A cycle's query: the subset S it drew, the pool indices picked from S, its seconds."""
+    subset: torch.Tensor
+    picked: torch.Tensor
+    seconds: float
+
+
+def _open_run(config: ALConfig, data: ALDataset | None, model_factory: ModelFactory, hook: Hook | None,
+              log: Callable[[str], None] | None) -> _Run:
+    """Check ``config``, load the data (unless given), create or check ``config.out`` and, on a
+    resume, read the records of its checkpoints; UsageError for any mistake, before training."""
+    main = is_main_process()
+    log = (log if main else None) or (lambda _msg: None)
+    validate_names(config)
+    if data is None:
+        data = load_dataset(config.dataset, **config.data_options)
+    validate(config, len(data.train))
+    device = resolve_device(config.device)
+    strategies = {name: make_strategy(name, **strategy_options(config, name)) for name in config.strategies}
+    on_main_process(lambda: _prepare_out(config, data))
+    train_split = place_split(data.train, device)
+    test_split = place_split(data.test, device)
+    all_records = on_main_process(lambda: load_all_records(config.out)) if config.resume else {}
+    p = config.preset
+    progress = config.progress and main
+    train_config = TrainConfig(epochs=p.epochs, lr=p.lr, milestones=p.milestones, batch_size=p.batch_size,
+                               detach_epoch=p.resolved_detach_epoch(), progress=progress)
+    _check_lossnet_fits(data, p, model_factory, [n for n, s in strategies.items() if s.uses_lossnet])
+    return _Run(config=config, data=data, strategies=strategies, model_factory=model_factory, device=device,
+                train_split=train_split, test_split=test_split, train_config=train_config, all_records=all_records,
+                hook=hook or (lambda _event, _info: None), log=log, progress=progress, main=main)
+
+
+def _start_trial(run: _Run, name: str, strategy: Strategy, trial: int) -> TrialState:
+    """(``name``, ``trial``)'s state: from its checkpoint on a resume that has one, else fresh."""
+    model, lossnet = run.initial_models(trial, strategy)
+    path = checkpoint_path(run.config.out, name, trial)
+    checkpoint = on_main_process(lambda: load_trial_state(path)) if run.config.resume else None
+    if checkpoint is not None:
+        return TrialState.from_checkpoint(checkpoint, model, lossnet, run.device)
+    return TrialState.fresh(model, lossnet, len(run.data.train), run.config.preset.initial, run.config.seed, trial)
+
+
+def _run_cycle(run: _Run, state: TrialState, name: str, strategy: Strategy, trial: int, cycle: int) -> dict:
+    """Cycle ``cycle`` of (``name``, ``trial``): train on L, evaluate, query, move the picks from U
+    to L.  -> its record, also appended to ``state.records`` (``state.cycle`` becomes ``cycle``).
+    Calls the hook with "trained" after the evaluation and "queried" after the bookkeeping."""
+    info = {"strategy": name, "trial": trial, "cycle": cycle}
+    trained = _train(run, state, name, strategy, trial, cycle)
+    run.hook("trained", info)
+    query = _query(run, state, name, strategy)
+    trained_on = state.labeled
+    state.labeled, state.unlabeled = apply_query(state.labeled, state.unlabeled, query.picked)
+    check_partition(state.labeled, state.unlabeled, len(run.data.train))
+    record = _record(run, name, strategy, trial, cycle, trained_on, trained, query)
+    state.records.append(record)
+    state.cycle = cycle
+    run.hook("queried", info)
+    return record
+
+
+def _train(run: _Run, state: TrialState, name: str, strategy: Strategy, trial: int, cycle: int) -> _Trained:
+    """Train ``state.model`` (and its LossNet) on L, warm or, with ``from_scratch`` after cycle 1,
+    from the trial's initial weights; then evaluate it on the test split."""
+    if run.config.from_scratch and cycle > 1:
+        state.model, state.lossnet = run.initial_models(trial, strategy)
+    start = time.perf_counter()
+    train(state.model, run.train_split, state.labeled, run.train_config, device=run.device,
+          lossnet=state.lossnet if strategy.uses_lossnet else None, generator=state.train_generator,
+          desc=f"{name} t{trial} c{cycle} train")
+    _sync(run.device)
+    seconds = time.perf_counter() - start
+    test_acc, per_class = evaluate(state.model, run.test_split, run.device, num_classes=run.data.num_classes)
+    return _Trained(test_acc, per_class, seconds)
+
+
+def _query(run: _Run, state: TrialState, name: str, strategy: Strategy) -> _Query:
+    """Draw the subset S from U and let ``strategy`` pick ``budget`` members of it. RuntimeError
+    when it returns anything else (a strategy bug)."""
+    p = run.config.preset
+    start = time.perf_counter()
+    # Under torchrun every rank trains its own replica; GPU training is not
+    # bit-reproducible, so all ranks query with rank 0's weights (no-op otherwise).
+    broadcast_module(state.model)
+    if state.lossnet is not None:
+        broadcast_module(state.lossnet)
+    subset = draw_subset(state.unlabeled, p.subset, state.query_generator)
+    context = QueryContext(model=state.model, data=run.train_split, labeled=state.labeled, subset=subset,
+                           device=run.device, lossnet=state.lossnet, generator=state.query_generator,
+                           progress=run.progress)
+    picked = torch.as_tensor(strategy.select(context, p.budget), dtype=torch.int64).cpu()
+    _sync(run.device)
+    seconds = time.perf_counter() - start
+    if picked.numel() != p.budget or not bool(torch.isin(picked, subset).all()):
+        raise RuntimeError(f"strategy {name} returned {picked.numel()} indices, not {p.budget} "
+                           "members of the subset")
+    return _Query(subset, picked, seconds)
+
+
+def _record(run: _Run, name: str, strategy: Strategy, trial: int, cycle: int, trained_on: torch.Tensor,
+            trained: _Trained, query: _Query) -> dict:
+    """The results.jsonl record of a cycle that trained on L = ``trained_on``: the gradient-norm
+    strategies add their norm, score and backend; cycle 1 adds the initial labeled set."""
+    config = run.config
+    record = {"strategy": name, "trial": trial, "cycle": cycle, "labeled": int(trained_on.numel()),
+              "test_acc": trained.test_acc, "per_class_acc": trained.per_class_acc, "train_s": trained.seconds,
+              "query_s": query.seconds, "queried": query.picked.tolist(), "dataset": config.dataset,
+              "seed": config.seed, "subset": int(query.subset.numel()), "epochs": config.preset.epochs,
+              "device": run.device.type}
+    if getattr(strategy, "last_backend", None):
+        record |= {"norm": config.norm, "score": config.score, "backend": strategy.last_backend}
+    if cycle == 1:
+        record["initial_indices"] = trained_on.tolist()
+    return record
+
+
+def _save(run: _Run, state: TrialState, name: str, trial: int) -> None:
+    """Write (``name``, ``trial``)'s checkpoint atomically, then results.jsonl from every run's
+    records (on the main process alone); calls the hook with "saved" and then "written"."""
+    info = {"strategy": name, "trial": trial, "cycle": state.cycle}
+    if run.main:
+        atomic_torch_save(state.to_checkpoint(run.device), checkpoint_path(run.config.out, name, trial))
+    run.hook("saved", info)
+    run.all_records[(name, trial)] = state.records
+    if run.main:
+        write_results(run.config.out, _ordered_records(run.all_records, run.config.strategies))
+    run.hook("written", info)
+
+
+def _log_line(record: dict) -> str:
+    """One line on a cycle done: who, how many labeled, test accuracy, seconds."""
+    r = record
+    return (f"{r['strategy']:>13} trial {r['trial']} cycle {r['cycle']}: {r['labeled']:>6} labeled  "
+            f"test acc {r['test_acc']:6.2f} %  train {r['train_s']:7.1f} s  query {r['query_s']:6.2f} s")
+
+
 def _sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work (so timings count it); nothing on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -286,118 +542,17 @@ def run_active_learning(config: ALConfig, *, data: ALDataset | None = None,
     on a resume reach the other ranks through the group, so the folder need not be shared),
     logs and shows progress bars.
     """
-    main = is_main_process()
-    log = (log if main else None) or (lambda _msg: None)
-    progress = config.progress and main
-    validate_names(config)
-    if data is None:
-        data = load_dataset(config.dataset, **config.data_options)
-    pool_size = len(data.train)
-    validate(config, pool_size)
-    device = resolve_device(config.device)
-    strategies = {name: make_strategy(name, **strategy_options(config, name)) for name in config.strategies}
-    on_main_process(lambda: _prepare_out(config, data))
-    train_split = place_split(data.train, device)
-    test_split = place_split(data.test, device)
-    all_records = on_main_process(lambda: load_all_records(config.out)) if config.resume else {}
-    hook = hook or (lambda _event, _info: None)
+    run = _open_run(config, data, model_factory, hook, log)
     p = config.preset
-    train_config = TrainConfig(epochs=p.epochs, lr=p.lr, milestones=p.milestones, batch_size=p.batch_size,
-                               detach_epoch=p.resolved_detach_epoch(), progress=progress)
-
-    _check_lossnet_fits(data, p, model_factory, [n for n, s in strategies.items() if s.uses_lossnet])
     for trial in range(1, p.trials + 1):
-        for name, strategy in strategies.items():
-            path = checkpoint_path(config.out, name, trial)
-            init_seed = derive_seed(config.seed, trial, "init")
-            model, lossnet = _fresh_models(data, p, model_factory, init_seed, strategy.uses_lossnet, device)
-            state = on_main_process(lambda: load_trial_state(path)) if config.resume else None
-            if state is not None:
-                model.load_state_dict(state["model"])
-                if lossnet is not None:
-                    lossnet.load_state_dict(state["lossnet"])
-                labeled, unlabeled = state["labeled"], state["unlabeled"]
-                train_generator, query_generator = torch.Generator(), torch.Generator()
-                train_generator.set_state(state["train_generator"])
-                query_generator.set_state(state["query_generator"])
-                torch.set_rng_state(state["torch_rng"])
-                if device.type == "cuda" and state.get("cuda_rng") is not None:
-                    torch.cuda.set_rng_state(state["cuda_rng"], device)
-                done, records = state["cycle"], list(state["records"])
-            else:
-                labeled, unlabeled = initial_split(pool_size, p.initial, _generator(derive_seed(config.seed, trial, "initial")))
-                # Shared by the trial's strategies (common random numbers): CE-only strategies
-                # train identically in cycle 1 and differ only through what they query.
-                train_generator = _generator(derive_seed(config.seed, trial, "train"))
-                query_generator = _generator(derive_seed(config.seed, trial, "query"))
-                torch.manual_seed(derive_seed(config.seed, trial, "torch"))
-                done, records = 0, []
-            if done >= p.cycles:
-                continue
+        for name, strategy in run.strategies.items():
+            state = _start_trial(run, name, strategy, trial)
+            for cycle in range(state.cycle + 1, p.cycles + 1):
+                record = _run_cycle(run, state, name, strategy, trial, cycle)
+                _save(run, state, name, trial)
+                run.log(_log_line(record))
 
-            for cycle in range(done + 1, p.cycles + 1):
-                info = {"strategy": name, "trial": trial, "cycle": cycle}
-                if config.from_scratch and cycle > 1:
-                    model, lossnet = _fresh_models(data, p, model_factory, init_seed, strategy.uses_lossnet, device)
-                start = time.perf_counter()
-                train(model, train_split, labeled, train_config, device=device,
-                      lossnet=lossnet if strategy.uses_lossnet else None, generator=train_generator,
-                      desc=f"{name} t{trial} c{cycle} train")
-                _sync(device)
-                train_s = time.perf_counter() - start
-                test_acc, per_class = evaluate(model, test_split, device, num_classes=data.num_classes)
-                hook("trained", info)
-
-                start = time.perf_counter()
-                # Under torchrun every rank trains its own replica; GPU training is not
-                # bit-reproducible, so all ranks query with rank 0's weights (no-op otherwise).
-                broadcast_module(model)
-                if lossnet is not None:
-                    broadcast_module(lossnet)
-                subset = draw_subset(unlabeled, p.subset, query_generator)
-                context = QueryContext(model=model, data=train_split, labeled=labeled, subset=subset, device=device,
-                                       lossnet=lossnet, generator=query_generator, progress=progress)
-                picked = torch.as_tensor(strategy.select(context, p.budget), dtype=torch.int64).cpu()
-                _sync(device)
-                query_s = time.perf_counter() - start
-                if picked.numel() != p.budget or not bool(torch.isin(picked, subset).all()):
-                    raise RuntimeError(f"strategy {name} returned {picked.numel()} indices, not {p.budget} "
-                                       "members of the subset")
-                trained_on = labeled.numel()
-                labeled, unlabeled = apply_query(labeled, unlabeled, picked)
-                check_partition(labeled, unlabeled, pool_size)
-                record = {"strategy": name, "trial": trial, "cycle": cycle, "labeled": int(trained_on),
-                          "test_acc": test_acc, "per_class_acc": per_class, "train_s": train_s, "query_s": query_s,
-                          "queried": picked.tolist(), "dataset": config.dataset, "seed": config.seed,
-                          "subset": int(subset.numel()), "epochs": p.epochs, "device": device.type}
-                if getattr(strategy, "last_backend", None):
-                    record |= {"norm": config.norm, "score": config.score, "backend": strategy.last_backend}
-                if cycle == 1:
-                    record["initial_indices"] = labeled[:trained_on].tolist()
-                records.append(record)
-                hook("queried", info)
-
-                state = {
-                    "cycle": cycle, "labeled": labeled, "unlabeled": unlabeled,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "lossnet": None if lossnet is None else {k: v.detach().cpu() for k, v in lossnet.state_dict().items()},
-                    "train_generator": train_generator.get_state(), "query_generator": query_generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "records": records,
-                }
-                if main:
-                    atomic_torch_save(state, path)
-                hook("saved", info)
-                all_records[(name, trial)] = records
-                if main:
-                    write_results(config.out, _ordered_records(all_records, config.strategies))
-                hook("written", info)
-                log(f"{name:>13} trial {trial} cycle {cycle}: {trained_on:>6} labeled  test acc {test_acc:6.2f} %  "
-                    f"train {train_s:7.1f} s  query {query_s:6.2f} s")
-
-    records = _ordered_records(all_records, config.strategies)
-    if main:
+    records = _ordered_records(run.all_records, config.strategies)
+    if run.main:
         write_results(config.out, records)
     return records
-
