@@ -8,7 +8,7 @@ Thin on purpose: the options are checked by ``ScoringOptions``, the single-proce
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 import torch
@@ -33,6 +33,9 @@ def score_pool(
     params: Iterable | None = None,
     logits_fn: Callable[[Any], torch.Tensor] | None = None,
     input_key: str | None = None,
+    input_keys: Sequence[str] | None = None,
+    exclude_keys: Sequence[str] = (),
+    num_inputs: int = 1,
     device: str | torch.device | None = None,
     autocast: str | None = None,
     max_memory: int | None = None,
@@ -48,6 +51,11 @@ def score_pool(
     parameters with requires_grad). ``norm="frobenius"`` is sqrt of the sum of all squares,
     ``norm="tensor_sum"`` the sum over parameter tensors of each tensor's L2 norm.
 
+    Batches: a tensor, a tuple whose first ``num_inputs`` elements are the model's positional
+    inputs, or a mapping whose entries the model's forward takes by name are passed as keyword
+    arguments (``input_keys`` names them, ``exclude_keys`` leaves some out; labels never pass);
+    see gradnorm_engine.inputs.
+
     The model runs in eval mode; its train/eval flags are restored afterwards and no
     parameter, ``.grad`` or BatchNorm statistic changes (buffers the model's own forward
     updates in eval mode change as in any forward).
@@ -57,7 +65,8 @@ def score_pool(
     ``distributed=False`` scores the whole pool on this process (see docs/distributed.md).
     """
     options = dict(score=score, norm=norm, backend=backend, params=params, logits_fn=logits_fn,
-                   input_key=input_key, device=device, autocast=autocast, max_memory=max_memory,
+                   input_key=input_key, input_keys=input_keys, exclude_keys=exclude_keys, num_inputs=num_inputs,
+                   device=device, autocast=autocast, max_memory=max_memory,
                    chunk_size=chunk_size, progress=progress)
     if use_sharding(distributed):   # checks the options on every rank at once
         return score_pool_sharded(model, loader, options)

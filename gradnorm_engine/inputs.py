@@ -1,14 +1,37 @@
-"""From what a DataLoader yields to an input tensor, and from what a model returns to logits."""
+"""From what a DataLoader yields to the model's inputs, and from what a model returns to logits.
+
+    reader = InputReader(model)               # how this pool's batches become model inputs
+    x = reader.read(batch)                    # -> ModelInputs: positional and keyword tensors [B, ...]
+    logits = default_logits(model(*x.args, **x.kwargs))
+
+A batch may be
+- a tensor: the model's one input;
+- a tuple/list: its first ``num_inputs`` elements are the model's positional inputs (labels
+  and anything after them are never passed);
+- a mapping: the entries the model's ``forward`` takes by name are passed as keyword arguments
+  (``input_ids``, ``attention_mask``, ``pixel_values`` ...; ``input_keys=`` names them,
+  ``exclude_keys=`` leaves some out, labels are never passed). When ``forward`` takes none of
+  the keys, the input is the entry at ``input_key`` or the first of ``DEFAULT_INPUT_KEYS``,
+  passed positionally.
+Every tensor passed is batched on dim 0, and the engine keeps a sample's tensors together
+through chunking, sharding and every backend.
+"""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 DEFAULT_INPUT_KEYS = ("image", "input", "x", "pixel_values")
-# Entries of a mapping batch that are further model inputs, not labels: the engine passes the
-# model one tensor, so a batch holding one of these is scored without it (see unused_model_inputs).
+# Entries of a mapping batch that hold labels: never passed to the model.
+LABEL_KEYS = ("labels", "label", "label_ids", "targets", "target", "y")
+# Entries of a mapping batch that are further model inputs: when they are not passed (the
+# forward does not take them by name, or input_key picks one other entry) the scores are
+# those of the model without them, which the engine says (IgnoredInputWarning).
 AUXILIARY_INPUT_KEYS = ("attention_mask", "token_type_ids", "position_ids", "pixel_mask", "mask",
                         "padding_mask", "key_padding_mask")
 
@@ -17,15 +40,157 @@ class IgnoredInputWarning(UserWarning):
     """A loader batch holds a further model input (an attention mask) that the engine does not pass."""
 
 
-def unused_model_inputs(batch: Any, input_key: str | None = None) -> list[str]:
-    """Keys of a mapping batch that look like further model inputs (``AUXILIARY_INPUT_KEYS``)."""
-    if not isinstance(batch, Mapping):
-        return []
-    return [k for k in AUXILIARY_INPUT_KEYS if k in batch and k != input_key and isinstance(batch[k], torch.Tensor)]
+@dataclass(frozen=True)
+class ModelInputs:
+    """One batch of model inputs: positional and keyword tensors, every one batched on dim 0.
+
+    The call is ``model(*args, **kwargs)``; slicing, splitting and concatenating act on every
+    tensor at once, so a sample's tensors never part.
+    """
+
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, x: ModelInputs | torch.Tensor) -> ModelInputs:
+        """``x`` as ModelInputs (a single tensor is the one positional input)."""
+        return x if isinstance(x, ModelInputs) else cls((x,))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.args, *self.kwargs.values()]
+
+    def __len__(self) -> int:
+        return int(self.tensors()[0].shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors()[0].device
+
+    def signature(self) -> tuple:
+        """What must agree for two batches to share a chunk: names, and each tensor's sample shape."""
+        return (tuple(tuple(t.shape[1:]) for t in self.args),
+                tuple((k, tuple(t.shape[1:])) for k, t in self.kwargs.items()))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ModelInputs:
+        return ModelInputs(tuple(fn(t) for t in self.args), {k: fn(t) for k, t in self.kwargs.items()})
+
+    def __getitem__(self, index: slice) -> ModelInputs:
+        if not isinstance(index, slice):
+            raise TypeError("ModelInputs take slices of samples, e.g. x[:2]")
+        return self.map(lambda t: t[index])
+
+    def split(self, size: int) -> list[ModelInputs]:
+        n = len(self)
+        return [self[i:i + size] for i in range(0, n, size)]
+
+    def to(self, device, non_blocking: bool = False) -> ModelInputs:
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    @staticmethod
+    def cat(parts: Sequence[ModelInputs]) -> ModelInputs:
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        return ModelInputs(tuple(torch.cat([p.args[i] for p in parts]) for i in range(len(first.args))),
+                           {k: torch.cat([p.kwargs[k] for p in parts]) for k in first.kwargs})
+
+    def describe(self) -> str:
+        parts = [f"{tuple(t.shape)}" for t in self.args] + [f"{k}={tuple(t.shape)}" for k, t in self.kwargs.items()]
+        return ", ".join(parts)
+
+
+def forward_keywords(model: nn.Module) -> tuple[set[str], bool]:
+    """The names ``model.forward`` takes as keyword arguments, and whether it takes nothing but
+    ``*args``/``**kwargs`` (a generic wrapper, which is given every entry)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):   # a forward without a signature (a C extension): pass by name
+        return set(), True
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    generic = not named and any(p.kind == p.VAR_KEYWORD for p in params)
+    return named, generic
+
+
+class InputReader:
+    """How the batches of one pool become ``ModelInputs``, decided from the options and the model.
+
+    ``input_key``: the one mapping entry that is the (positional) input. ``input_keys``: the
+    mapping entries passed by name. ``exclude_keys``: entries never passed. ``num_inputs``: how
+    many leading elements of a tuple batch are positional inputs.
+    """
+
+    def __init__(self, model: nn.Module | None = None, *, input_key: str | None = None,
+                 input_keys: Sequence[str] | None = None, exclude_keys: Sequence[str] = (), num_inputs: int = 1):
+        if input_key is not None and input_keys is not None:
+            raise ValueError("pass input_key (one entry, passed positionally) or input_keys (entries passed by "
+                             "name), not both")
+        if isinstance(input_keys, str) or isinstance(exclude_keys, str):
+            raise TypeError("input_keys and exclude_keys take a list of names, e.g. input_keys=['input_ids']")
+        labels = sorted(set(input_keys or ()) & set(LABEL_KEYS))
+        if labels:
+            raise ValueError(f"input_keys names {labels}, which hold labels: labels are never passed to the model")
+        if not isinstance(num_inputs, int) or isinstance(num_inputs, bool) or num_inputs < 1:
+            raise ValueError(f"num_inputs must be a positive int (how many leading tuple elements are inputs), "
+                             f"got {num_inputs!r}")
+        self.input_key = input_key
+        self.input_keys = tuple(input_keys) if input_keys is not None else None
+        self.exclude_keys = frozenset(exclude_keys)
+        self.num_inputs = num_inputs
+        self.named, self.generic = forward_keywords(model) if model is not None else (set(), False)
+
+    def read(self, batch: Any) -> ModelInputs:
+        """The model inputs of one loader batch (see the module docstring)."""
+        if isinstance(batch, torch.Tensor):
+            return ModelInputs((_checked(batch, "the loader batch"),))
+        if isinstance(batch, Mapping):
+            keys = self.keyword_keys(batch)
+            if keys:
+                return ModelInputs((), {k: _checked(batch[k], f"entry {k!r} of the loader batch") for k in keys})
+            return ModelInputs((extract_input(batch, self.input_key),))
+        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) >= self.num_inputs > 1:
+            return ModelInputs(tuple(_checked(batch[i], f"element {i} of the loader batch")
+                                     for i in range(self.num_inputs)))
+        if self.num_inputs > 1 and isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+            raise TypeError(f"num_inputs={self.num_inputs}, but the loader batch is a {type(batch).__name__} of "
+                            f"{len(batch)} element(s)")
+        return ModelInputs((extract_input(batch, self.input_key),))
+
+    def keyword_keys(self, batch: Mapping) -> list[str]:
+        """The entries of a mapping batch passed by name ([] when the model takes the input positionally)."""
+        if self.input_key is not None:
+            return []
+        if self.input_keys is not None:
+            missing = [k for k in self.input_keys if k not in batch]
+            if missing:
+                raise TypeError(f"input_keys names {missing}, which the loader batch does not hold (keys: "
+                                f"{sorted(map(str, batch))})")
+            return list(self.input_keys)
+        return [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in LABEL_KEYS
+                and k not in self.exclude_keys and (self.generic or k in self.named)]
+
+    def unused(self, batch: Any) -> list[str]:
+        """Entries of a mapping batch that look like model inputs and are not passed."""
+        if not isinstance(batch, Mapping):
+            return []
+        passed = set(self.keyword_keys(batch)) or ({self.input_key} if self.input_key else set())
+        if not passed:
+            passed = {next((k for k in DEFAULT_INPUT_KEYS if k in batch), None)}
+        candidates = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in passed
+                      and k not in LABEL_KEYS and k not in self.exclude_keys]
+        return [k for k in candidates if k in AUXILIARY_INPUT_KEYS or k in self.named]
+
+
+def _checked(x: Any, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} is a {type(x).__name__}, not a tensor; give the DataLoader a transform or "
+                        "collate_fn that yields tensors")
+    if x.dim() == 0:
+        raise TypeError(f"{what} is a 0-d tensor; a batch needs a leading sample dimension")
+    return x
 
 
 def extract_input(batch: Any, input_key: str | None = None) -> torch.Tensor:
-    """The model input inside one loader batch.
+    """The one model input inside a loader batch.
 
     A batch may be a tensor (the input itself), a tuple/list whose first element is the
     input (``(images, labels)``), or a mapping, read at ``input_key`` or else at the first
@@ -42,8 +207,9 @@ def extract_input(batch: Any, input_key: str | None = None) -> torch.Tensor:
         else:
             raise TypeError(
                 f"loader batch is a mapping with keys {sorted(map(str, batch))}, none of which is "
-                f"{'the given input_key ' + repr(input_key) if input_key else 'one of ' + repr(DEFAULT_INPUT_KEYS)}; "
-                "pass input_key='<your key>' to say which entry holds the model input"
+                f"{'the given input_key ' + repr(input_key) if input_key else 'one of ' + repr(DEFAULT_INPUT_KEYS)}"
+                "; and the model's forward takes none of them by name. Pass input_key='<your key>' to say which "
+                "entry holds the model input, or input_keys=[...] to pass entries by name"
             )
     elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and len(batch) > 0:
         x = batch[0]
@@ -65,7 +231,8 @@ def extract_input(batch: Any, input_key: str | None = None) -> torch.Tensor:
 
 def default_logits(output: Any) -> torch.Tensor:
     """Logits from a model's output: the output itself if it is a tensor, the first element
-    of a tuple/list, or ``output["logits"]`` for a mapping."""
+    of a tuple/list, or ``output["logits"]`` for a mapping (a Hugging Face ``ModelOutput``
+    included)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping):

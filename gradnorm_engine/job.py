@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .inputs import check_logits, check_loss, resolve_logits_fn
+from .inputs import ModelInputs, check_logits, check_loss, resolve_logits_fn
 from .kernels import accum_dtype
 from .scores import ScoreFn, resolve_score
 
@@ -36,19 +36,23 @@ class ScoringJob:
         """Squared norms are accumulated in fp32, or fp64 for a fp64 model."""
         return accum_dtype(*(p for _, p in self.params))
 
-    def logits(self, x: torch.Tensor, substitutes: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Forward in the job's precision and take logits; [B, ...] -> [B, C]. ``substitutes``
+    def logits(self, x: ModelInputs | torch.Tensor, substitutes: dict[str, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        """Forward in the job's precision and take logits; inputs [B, ...] -> [B, C]. ``substitutes``
         maps parameter names to tensors used in their place for this forward only."""
+        x = ModelInputs.of(x)
         with self.autocast_context():
             if substitutes:
-                out = torch.func.functional_call(self.model, substitutes, (x,), strict=False)
+                out = torch.func.functional_call(self.model, substitutes, x.args, x.kwargs, strict=False)
             else:
-                out = self.model(x)
-        return check_logits(self.logits_fn(out), x.shape[0])
+                out = self.model(*x.args, **x.kwargs)
+        return check_logits(self.logits_fn(out), len(x))
 
-    def losses(self, x: torch.Tensor, substitutes: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Per-sample losses of a batch; [B, ...] -> [B]."""
-        return check_loss(self.loss_fn(self.logits(x, substitutes)), x.shape[0])
+    def losses(self, x: ModelInputs | torch.Tensor, substitutes: dict[str, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+        """Per-sample losses of a batch; inputs [B, ...] -> [B]."""
+        x = ModelInputs.of(x)
+        return check_loss(self.loss_fn(self.logits(x, substitutes)), len(x))
 
     def autocast_context(self):
         if self.autocast is None:

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .inputs import ModelInputs
 from .kernels import is_out_of_memory  # noqa: F401  (defined with the kernels, the lowest layer)
 
 # Share of the currently free memory a chunk may take: leaves room for the allocator's
@@ -38,9 +39,11 @@ def chunk_budget(device: torch.device, max_memory: int | None) -> int:
     return int(free_bytes(device) * FREE_FRACTION)
 
 
-def activation_elems(model: torch.nn.Module, example: torch.Tensor, precision=contextlib.nullcontext) -> int:
+def activation_elems(model: torch.nn.Module, example: ModelInputs | torch.Tensor,
+                     precision=contextlib.nullcontext) -> int:
     """Entries of every module output for one sample ``example`` [1, ...]: a cheap proxy of the
     activation memory a chunk needs per sample. ``precision`` makes the forward's autocast context."""
+    example = ModelInputs.of(example)
     total = 0
 
     def count(_m, _inp, out):
@@ -52,8 +55,8 @@ def activation_elems(model: torch.nn.Module, example: torch.Tensor, precision=co
     handles = [m.register_forward_hook(count) for m in model.modules()]
     try:
         with torch.no_grad(), precision():
-            model(example)
+            model(*example.args, **example.kwargs)
     finally:
         for h in handles:
             h.remove()
-    return max(total, example.numel())
+    return max(total, sum(t.numel() for t in example.tensors()))

@@ -9,7 +9,7 @@ with an option is found here, before any sample is read, and found the same way 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name
+from .inputs import InputReader
 from .job import ScoringJob, make_job
 from .reduction import check_norm
 from .scores import ScoreFn
@@ -32,6 +33,9 @@ class ScoringOptions:
     params: Iterable | None = None
     logits_fn: Callable[[Any], torch.Tensor] | None = None
     input_key: str | None = None
+    input_keys: Sequence[str] | None = None
+    exclude_keys: Sequence[str] = ()
+    num_inputs: int = 1
     device: str | torch.device | None = None
     autocast: str | None = None
     max_memory: int | None = None
@@ -43,6 +47,11 @@ class ScoringOptions:
         check_backend_name(self.backend)
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive number of samples, got {self.chunk_size}")
+        for name in ("input_keys", "exclude_keys"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        self.input_reader(None)   # the input options' own checks
         if self.params is not None and not isinstance(self.params, (str, torch.Tensor)):
             # read more than once (the sharded path checks, then scores): a generator would be spent
             object.__setattr__(self, "params", tuple(self.params))
@@ -66,9 +75,15 @@ class ScoringOptions:
                         device=self.device, autocast=self.autocast, max_memory=self.max_memory,
                         options={"chunk_size": self.chunk_size} if self.chunk_size else None)
 
+    def input_reader(self, model: nn.Module | None) -> InputReader:
+        """How this call reads its loader's batches into ``model``'s inputs."""
+        return InputReader(model, input_key=self.input_key, input_keys=self.input_keys,
+                           exclude_keys=self.exclude_keys, num_inputs=self.num_inputs)
+
     def digest(self) -> dict:
         """The options every rank of a sharded call must share (device aside: each rank has its own)."""
         score = self.score if isinstance(self.score, str) else getattr(self.score, "__qualname__",
                                                                        type(self.score).__name__)
         return {"norm": self.norm, "score": score, "backend": self.backend, "chunk_size": self.chunk_size,
-                "autocast": self.autocast}
+                "autocast": self.autocast, "input_key": self.input_key, "input_keys": self.input_keys,
+                "exclude_keys": self.exclude_keys, "num_inputs": self.num_inputs}

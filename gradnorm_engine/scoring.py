@@ -5,6 +5,12 @@
 The pool streams through in fixed-size chunks, independent of the loader's batch size, so the
 result is bit-identical for any loader batch size; memory holds one chunk plus the [N] score
 vector. ``api`` calls this for a single process, ``distributed`` for each rank's block.
+
+Samples of one chunk share their shapes. A pool of several inputs (token ids and an attention
+mask, padded per batch by the loader's collate) may change shapes from batch to batch: a chunk
+then ends where the shapes change, so every sample is scored with the padding its own batch
+gave it. A single-input pool whose samples change shape is refused (SampleShapeError): images
+of different sizes are almost always a mistake.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .backends import Backend, resolve_backend
 from .errors import SampleShapeError
-from .inputs import IgnoredInputWarning, extract_input, unused_model_inputs
+from .inputs import IgnoredInputWarning, InputReader, ModelInputs
 from .job import ScoringJob, eval_mode, on_device
 from .loaders import batch_size_hint, check_pool_loader, pool_length
 from .memory import is_out_of_memory
@@ -36,7 +42,7 @@ def score_stream(job: ScoringJob, loader: Iterable, options: ScoringOptions, *, 
     """Score a checked job over ``loader``: the model on the job's device, in eval mode.  -> ([N], backend)"""
     with on_device(job.model, job.device), eval_mode(job.model), torch.enable_grad():
         with resolve_backend(options.backend, job) as engine:
-            scores = _stream_scores(job, engine, loader, input_key=options.input_key, norm=options.norm,
+            scores = _stream_scores(job, engine, loader, options.input_reader(job.model), norm=options.norm,
                                     progress=progress)
             return scores, engine.name
 
@@ -45,44 +51,57 @@ class ChunkStream:
     """Re-batches loader batches into chunks of a fixed size, in pool order."""
 
     def __init__(self):
-        self.parts: list[torch.Tensor] = []
+        self.parts: list[ModelInputs] = []
         self.count = 0
-        self.sample_shape: tuple | None = None
+        self.signature: tuple | None = None
 
-    def push(self, x: torch.Tensor, position: int) -> None:
-        if self.sample_shape is None:
-            self.sample_shape = tuple(x.shape[1:])
-        elif tuple(x.shape[1:]) != self.sample_shape:
-            raise SampleShapeError(
-                f"samples at pool positions {position}..{position + len(x) - 1} have shape "
-                f"{tuple(x.shape[1:])}, earlier ones {self.sample_shape}; every sample must have the "
-                "same shape (resize or pad them in the dataset's transform)")
+    def fits(self, x: ModelInputs, position: int) -> bool:
+        """Whether ``x`` may join the samples waiting here: the same shapes. A multi-input batch of
+        other shapes may not (the waiting samples form a chunk of their own first); a single
+        input of another shape raises SampleShapeError."""
+        if self.signature is None or x.signature() == self.signature:
+            return True
+        if len(x.tensors()) > 1 or x.kwargs:
+            return False
+        shape = tuple(x.args[0].shape[1:])
+        raise SampleShapeError(
+            f"samples at pool positions {position}..{position + len(x) - 1} have shape "
+            f"{shape}, earlier ones {self.signature[0][0]}; every sample must have the "
+            "same shape (resize or pad them in the dataset's transform)")
+
+    def push(self, x: ModelInputs, position: int) -> None:
+        if not self.fits(x, position):
+            raise RuntimeError("push a batch of other shapes only after popping the waiting samples")
+        self.signature = x.signature()
         self.parts.append(x)
-        self.count += x.shape[0]
+        self.count += len(x)
 
-    def pop(self, n: int) -> torch.Tensor:
-        x = self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts)
+    def pop(self, n: int) -> ModelInputs:
+        x = ModelInputs.cat(self.parts)
         head, rest = x[:n], x[n:]
-        self.parts = [rest] if rest.shape[0] else []
-        self.count = rest.shape[0]
+        self.parts = [rest] if len(rest) else []
+        self.count = len(rest)
+        if not self.count:
+            self.signature = None
         # A chunk starting inside a larger tensor is copied to memory of its own: CPU kernels
         # round differently for differently aligned data, and a chunk's scores must not depend on
         # where the loader's batches happened to cut it (or sharded scores on the block start).
-        return head.clone() if head.storage_offset() else head
+        return head.map(lambda t: t.clone() if t.storage_offset() else t)
 
 
-def _warn_unused_inputs(batch, input_key) -> None:
-    unused = unused_model_inputs(batch, input_key)
+def _warn_unused_inputs(batch, reader: InputReader) -> None:
+    unused = reader.unused(batch)
     if unused:
         warnings.warn(
-            f"the loader's batches hold {', '.join(unused)}, which the engine does not pass to the model: it calls "
-            "the model with the one input tensor, so the scores are those of the model without "
-            f"{'it' if len(unused) == 1 else 'them'}. To score with them, let the dataset yield one tensor "
-            "holding all inputs (e.g. ids and mask stacked) and wrap the model in a module whose forward splits it",
+            f"the loader's batches hold {', '.join(unused)}, which the engine does not pass to the model, so the "
+            f"scores are those of the model without {'it' if len(unused) == 1 else 'them'}: the model's forward "
+            "does not take them by name, or input_key chose one other entry. To pass them, name them with "
+            "input_keys=[...] (passed as keyword arguments); to silence this, exclude_keys=[...]",
             IgnoredInputWarning, stacklevel=6)   # the caller of score_pool or rank_unlabeled
 
 
-def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, *, input_key, norm, progress) -> torch.Tensor:
+def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: InputReader, *, norm, progress
+                   ) -> torch.Tensor:
     total = pool_length(loader)
     bar = tqdm(total=total, unit="sample", unit_scale=True, desc=f"gradnorm ({engine.name})",
                disable=not progress, dynamic_ncols=True)
@@ -91,33 +110,35 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, *, input_
     chunk = None
     seen = 0
 
-    def run(x: torch.Tensor) -> None:
+    def run(x: ModelInputs) -> None:
         nonlocal chunk
         try:
             sq = engine.sqnorms(x)
         except Exception as err:
-            if not is_out_of_memory(err) or x.shape[0] == 1:
+            if not is_out_of_memory(err) or len(x) == 1:
                 raise
             # Out of memory: halve the chunk for the rest of the pool and redo this one.
             del err
             if job.device.type == "cuda":
                 torch.cuda.empty_cache()
-            chunk = max(1, x.shape[0] // 2)
+            chunk = max(1, len(x) // 2)
             for part in x.split(chunk):
                 run(part)
             return
         results.append(reduce_sqnorms(sq, norm).detach().cpu())
-        bar.update(x.shape[0])
+        bar.update(len(x))
 
     try:
         for batch in loader:
             if seen == 0:
-                _warn_unused_inputs(batch, input_key)
-            x = extract_input(batch, input_key)
-            stream.push(x.to(job.device, non_blocking=True), seen)
-            seen += x.shape[0]
+                _warn_unused_inputs(batch, reader)
+            x = reader.read(batch).to(job.device, non_blocking=True)
+            if not stream.fits(x, seen):   # other shapes (a batch padded to another length)
+                run(stream.pop(stream.count))
+            stream.push(x, seen)
+            seen += len(x)
             if chunk is None:
-                chunk = max(1, int(engine.chunk_size(x[:1].to(job.device))))
+                chunk = max(1, int(engine.chunk_size(x[:1])))
             while stream.count >= chunk:
                 run(stream.pop(chunk))
         while stream.count:

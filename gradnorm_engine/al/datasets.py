@@ -221,7 +221,8 @@ def _read_torchvision(name: str, root: str, download: bool) -> ALDataset:
 
 def _decode_folder(dataset, image_size: int, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image of an ImageFolder-like dataset, RGB, resized to image_size x image_size."""
-    UnidentifiedImageError = require("PIL", extra="al", feature="image folders", distribution="Pillow").UnidentifiedImageError
+    pil = require("PIL", extra="al", feature="image folders", distribution="Pillow")
+    UnidentifiedImageError = pil.UnidentifiedImageError
     pil_to_tensor = require("torchvision.transforms.functional", extra="al", feature="image folders").pil_to_tensor
     n = len(dataset)
     if n == 0:

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from ..inputs import ModelInputs
 from ..job import ScoringJob
 
 
 class Backend:
     """One way of getting per-sample gradient norms.
 
-    ``sqnorms(x)`` takes a chunk of inputs x [B, ...] already on ``job.device`` and returns
+    ``sqnorms(x)`` takes a chunk of inputs x [B, ...] already on ``job.device`` (``ModelInputs``,
+    or one input tensor) and returns
     [B, P] in ``job.accum_dtype``, where column j is ||d loss_i / d theta_j||^2 for the j-th
     parameter of ``job.params``. The backend may keep state between chunks (hooks, compiled
     functions) and releases it in ``close``; it never changes a parameter, buffer or ``.grad``.
@@ -20,11 +22,11 @@ class Backend:
     def __init__(self, job: ScoringJob):
         self.job = job
 
-    def chunk_size(self, example: torch.Tensor) -> int:
+    def chunk_size(self, example: ModelInputs | torch.Tensor) -> int:
         """How many samples to put in one chunk, given one sample ``example`` [1, ...]."""
         return int(self.job.options.get("chunk_size") or 256)
 
-    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+    def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def close(self) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..inputs import ModelInputs
 from ..memory import is_out_of_memory
 from .base import Backend
 from .loop import LoopBackend
@@ -24,12 +25,13 @@ class ExactFallback(Backend):
         self.engine: Backend = VmapBackend(job) if VmapBackend.supports(job) else LoopBackend(job)
         self.piece: int | None = None
 
-    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+    def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
+        x = ModelInputs.of(x)
         if self.piece is None:
             self.piece = max(1, int(self.engine.chunk_size(x[:1])))
         return torch.cat([self._run(part) for part in x.split(self.piece)])
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: ModelInputs) -> torch.Tensor:
         if isinstance(self.engine, VmapBackend):
             try:
                 return self.engine.sqnorms(x)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..inputs import ModelInputs
 from ..job import ScoringJob, measure_only
 from ..memory import activation_elems, chunk_budget, is_out_of_memory
 from .base import Backend
@@ -68,7 +69,7 @@ CHECK_RTOL_AUTOCAST = 0.25
 class _Downgrades:
     """What the backend has learnt about this job's rules, chunk by chunk."""
 
-    checked_sizes: set[int] = field(default_factory=set)   # chunk sizes already checked against the loop
+    checked_sizes: set[tuple] = field(default_factory=set)   # chunk shapes already checked against the loop
     rules_disagree: bool = False                            # the check failed: the fallback scores all
     copied: dict[str, nn.Parameter] = field(default_factory=dict)   # [1, ...] parameters scored by copies
     copies_tried: bool = False
@@ -111,7 +112,7 @@ class HooksBackend(Backend):
                 return False
         return True
 
-    def chunk_size(self, example: torch.Tensor) -> int:
+    def chunk_size(self, example: ModelInputs | torch.Tensor) -> int:
         if self.job.options.get("chunk_size"):
             return int(self.job.options["chunk_size"])
         job = self.job
@@ -121,12 +122,13 @@ class HooksBackend(Backend):
         per_sample = itemsize * (ACTIVATION_COPIES * act + self.plan.widest())
         return max(1, min(MAX_CHUNK, chunk_budget(job.device, job.max_memory) // per_sample))
 
-    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+    def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
         job, state = self.job, self.downgrades
+        x = ModelInputs.of(x)
         with measure_only(job):
             if state.rules_disagree or not self.plan.ruled:  # nothing for the rules: skip their forward
                 return self._all_by_fallback(x)
-            out = torch.zeros(x.shape[0], len(job.params), dtype=job.accum_dtype, device=x.device)
+            out = torch.zeros(len(x), len(job.params), dtype=job.accum_dtype, device=x.device)
             fallback = self._by_rules(x, out)
             self.last_fallback = tuple(n for n, _ in fallback)
             if fallback:
@@ -135,18 +137,20 @@ class HooksBackend(Backend):
                 if not state.copies_tried:
                     state.copies_tried = True
                     state.copied = self._try_copies(x, fallback, out)
-            if x.shape[0] not in state.checked_sizes:
-                state.checked_sizes.add(x.shape[0])
+            # keyed by the shapes: a later chunk whose size equals a sequence length is checked again
+            shapes = (len(x), x.signature())
+            if shapes not in state.checked_sizes:
+                state.checked_sizes.add(shapes)
                 if not self._agrees_with_loop(x, out):
                     state.rules_disagree = True
                     return self._all_by_fallback(x)
         return out
 
-    def _by_rules(self, x: torch.Tensor, out: torch.Tensor) -> list[tuple[str, nn.Parameter]]:
+    def _by_rules(self, x: ModelInputs, out: torch.Tensor) -> list[tuple[str, nn.Parameter]]:
         """The rules' pass over ``x`` into ``out``; -> the (name, parameter)s left to the fallback."""
         state = self.downgrades
         try:
-            needs_fallback = RulePass(self.plan, self.job, x.shape[0]).run(x, out, state.copied)
+            needs_fallback = RulePass(self.plan, self.job, len(x)).run(x, out, state.copied)
         except Exception as err:  # noqa: BLE001 - see below
             if not state.copied or is_out_of_memory(err):
                 raise
@@ -154,14 +158,14 @@ class HooksBackend(Backend):
             # shape that depends on the batch size): back to the fallback for good.
             state.copied = {}
             out.zero_()
-            needs_fallback = RulePass(self.plan, self.job, x.shape[0]).run(x, out)
+            needs_fallback = RulePass(self.plan, self.job, len(x)).run(x, out)
         return [(n, p) for n, p in self.job.params if id(p) in needs_fallback]
 
-    def _all_by_fallback(self, x: torch.Tensor) -> torch.Tensor:
+    def _all_by_fallback(self, x: ModelInputs) -> torch.Tensor:
         self.last_fallback = tuple(n for n, _ in self.job.params)
         return self._fallback(self.job.params).sqnorms(x).to(self.job.accum_dtype)
 
-    def _try_copies(self, x: torch.Tensor, fallback: list, out: torch.Tensor) -> dict[str, nn.Parameter]:
+    def _try_copies(self, x: ModelInputs, fallback: list, out: torch.Tensor) -> dict[str, nn.Parameter]:
         """Which fallback parameters per-sample copies can score from now on.
 
         A parameter p of shape [1, ...] is replaced, for one forward, by B copies [B, ...] (the
@@ -174,7 +178,7 @@ class HooksBackend(Backend):
         named = [(n, p) for n, p in fallback if p.dim() >= 1 and p.shape[0] == 1]
         if not named:
             return {}
-        n = min(CHECK_SAMPLES, x.shape[0])
+        n = min(CHECK_SAMPLES, len(x))
         try:
             copies = self._copy_sqnorms(x[:n], dict(named))
         except Exception as err:  # noqa: BLE001 - a use the copies cannot take: keep the fallback
@@ -190,19 +194,19 @@ class HooksBackend(Backend):
                 agreed[name] = p
         return agreed
 
-    def _copy_sqnorms(self, x: torch.Tensor, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    def _copy_sqnorms(self, x: ModelInputs, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Per-sample squared norms of ``named`` parameters through per-sample copies [B, ...]."""
-        copies = per_sample_copies(named, x.shape[0])
+        copies = per_sample_copies(named, len(x))
         loss = self.job.losses(x, copies).sum()
         grads = torch.autograd.grad(loss, list(copies.values()), allow_unused=True)
-        return {n: per_sample_sqnorm(g, x.shape[0], self.job.accum_dtype, x.device)
+        return {n: per_sample_sqnorm(g, len(x), self.job.accum_dtype, x.device)
                 for n, g in zip(copies, grads)}
 
-    def _agrees_with_loop(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+    def _agrees_with_loop(self, x: ModelInputs, out: torch.Tensor) -> bool:
         """Compare the first samples with the per-sample loop; warn and return False if the
         rules got them wrong (a layer that reads another dim than the batch as the sample)."""
         job = self.job
-        n = min(CHECK_SAMPLES, x.shape[0])
+        n = min(CHECK_SAMPLES, len(x))
         try:
             expected = LoopBackend(job).sqnorms(x[:n]).to(out.dtype)         # (n, P)
         except Exception as err:  # noqa: BLE001 - a model that cannot run one sample alone

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from ..inputs import ModelInputs
 from ..job import measure_only
 from .base import Backend
 
@@ -16,12 +17,13 @@ class LoopBackend(Backend):
     def chunk_size(self, example: torch.Tensor) -> int:
         return int(self.job.options.get("chunk_size") or 64)
 
-    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+    def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
         job = self.job
+        x = ModelInputs.of(x)
         params = [p for _, p in job.params]
-        out = torch.zeros(x.shape[0], len(params), dtype=job.accum_dtype, device=x.device)
+        out = torch.zeros(len(x), len(params), dtype=job.accum_dtype, device=x.device)
         with measure_only(job):  # a measured parameter with requires_grad=False is still measured
-            for i in range(x.shape[0]):
+            for i in range(len(x)):
                 loss = job.losses(x[i : i + 1])[0]
                 if not loss.requires_grad:
                     continue  # the loss does not depend on any parameter: every norm is 0

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from ..inputs import ModelInputs
 from ..job import ScoringJob
 from ..memory import is_out_of_memory
 from ..norms import NORM_RULES, NormRule, check_rule_result, find_norm_rule, rule_name
@@ -81,7 +82,7 @@ class RulePass:
         self.found: dict[int, torch.Tensor] = {}   # column -> per-sample squared norms from the rules
         self.missed: set[int] = set()              # parameters a rule did not return: the fallback's
 
-    def run(self, x: torch.Tensor, out: torch.Tensor, copied: dict[str, nn.Parameter] | None = None) -> set[int]:
+    def run(self, x: ModelInputs, out: torch.Tensor, copied: dict[str, nn.Parameter] | None = None) -> set[int]:
         """Fill ``out``'s columns that the rules (and the per-sample ``copied`` parameters) score;
         return the ids of measured parameters that need the fallback."""
         job, copied = self.job, copied or {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, grad, vmap
 
-from ..inputs import check_logits, check_loss
+from ..inputs import ModelInputs, check_logits, check_loss
 from ..kernels import per_sample_sumsq
 from ..memory import activation_elems, chunk_budget
 from .base import Backend
@@ -40,21 +40,24 @@ class VmapBackend(Backend):
         self.names = [n for n, _ in job.params]
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if n not in measured}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
-        self.per_sample_grad = vmap(grad(self._loss_one), in_dims=(None, 0), randomness="error")
+        # in_dims 0 for every tensor of the inputs: positional and keyword tensors alike
+        self.per_sample_grad = vmap(grad(self._loss_one), in_dims=(None, 0, 0), randomness="error")
 
     @classmethod
     def supports(cls, job) -> bool:
         has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in job.model.modules())
         return not (job.autocast is not None and has_batchnorm)
 
-    def _loss_one(self, measured: dict, x1: torch.Tensor) -> torch.Tensor:
+    def _loss_one(self, measured: dict, args: tuple, kwargs: dict) -> torch.Tensor:
         job = self.job
-        batch = x1.unsqueeze(0)  # (1, ...): the model sees a batch of one
-        out = functional_call(job.model, ({**measured, **self.frozen}, self.buffers), (batch,))
+        # (1, ...): the model sees a batch of one, every input of the sample with it
+        args = tuple(t.unsqueeze(0) for t in args)
+        kwargs = {k: t.unsqueeze(0) for k, t in kwargs.items()}
+        out = functional_call(job.model, ({**measured, **self.frozen}, self.buffers), args, kwargs)
         loss = check_loss(job.loss_fn(check_logits(job.logits_fn(out), 1)), 1)
         return loss[0]
 
-    def chunk_size(self, example: torch.Tensor) -> int:
+    def chunk_size(self, example: ModelInputs | torch.Tensor) -> int:
         if self.job.options.get("chunk_size"):
             return int(self.job.options["chunk_size"])
         job = self.job
@@ -65,11 +68,12 @@ class VmapBackend(Backend):
         limit = MAX_CHUNK.get(job.device.type, MAX_CHUNK["cpu"])
         return max(1, min(limit, chunk_budget(job.device, job.max_memory) // per_sample))
 
-    def sqnorms(self, x: torch.Tensor) -> torch.Tensor:
+    def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
+        x = ModelInputs.of(x)
         measured = {n: p.detach() for n, p in self.job.params}
         try:
             with self.job.autocast_context():
-                grads = self.per_sample_grad(measured, x)      # {name: [B, *param.shape]}
+                grads = self.per_sample_grad(measured, x.args, x.kwargs)      # {name: [B, *param.shape]}
         except RuntimeError as err:
             if "mutate a captured Tensor" not in str(err):
                 raise

@@ -22,6 +22,7 @@ from gradnorm_engine import rank_unlabeled, score_pool, top_k
 from gradnorm_engine.distributed import (DistributedScoringError, broadcast_module, is_main_process, loader_order,
                                          shard_bounds, shard_loader, use_sharding)
 from gradnorm_engine.ranking import merge_top_k
+from tests.token_models import MaskedBag, TokenPool, pad_collate
 
 N = 23           # pool size, divisible by neither 2 nor 3
 K = 15           # more than one rank's block (12 of 23 on 2 ranks, 8 on 3)
@@ -113,6 +114,15 @@ def reordered_loader() -> DataLoader:
 def batch_sampler_loader() -> DataLoader:
     batches = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12, 13], list(range(14, N))]
     return DataLoader(TensorDataset(make_inputs()), batch_sampler=batches)
+
+
+def token_model() -> nn.Module:
+    torch.manual_seed(0)
+    return MaskedBag()
+
+
+def token_loader() -> DataLoader:
+    return DataLoader(TokenPool(n=N), batch_size=4, collate_fn=pad_collate)
 
 
 def rank_tuple(res) -> tuple:
@@ -245,6 +255,8 @@ def run_checks(outdir: str) -> dict:
         "k_bad_on_one_rank": lambda: rank_unlabeled(model, pool_loader(), 0 if dist.get_rank() else 3, progress=False),
         # with a chunk size, blocks start at its multiples: a single process's chunks exactly
         "aligned_chunks": lambda: score_pool(model, pool_loader(), chunk_size=5, progress=False),
+        "multi_input": lambda: rank_tuple(rank_unlabeled(token_model(), token_loader(), 6, chunk_size=2,
+                                                         progress=False)),
         "main_unpicklable": main_process_unpicklable,
         "bad_backend": lambda: score_pool(model, pool_loader(), backend="nope", progress=False),
     }
@@ -331,6 +343,7 @@ def reference() -> dict:
         "score_batch_sampler": score_pool(model, batch_sampler_loader(), progress=False),
         "score_prebatched": score_pool(model, prebatched_loader(), progress=False),
         "aligned_chunks": score_pool(model, pool_loader(), chunk_size=5, progress=False),
+        "multi_input": score_pool(token_model(), token_loader(), chunk_size=2, progress=False),
         "tiny_pool": (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), chunk_size=1, progress=False),
                       rank_tuple(rank_unlabeled(model, DataLoader(make_inputs()[:2]), 2, chunk_size=1,
                                                 progress=False))),
@@ -373,6 +386,17 @@ def assert_same(got, want, what: str) -> None:
 def test_every_rank_returns_the_single_process_answer(ranks, reference, check):
     for r, results in enumerate(ranks):
         assert_same(results[check], reference[check], f"rank {r} of {len(ranks)}, {check}")
+
+
+def test_a_padded_pool_of_several_inputs_is_ranked_as_on_one_process(ranks, reference):
+    """Mapping batches (ids + mask) padded per batch: a rank's block is batched from its own start,
+    so its padding differs from one process's; the scores agree to rounding, the ranking exactly."""
+    want = reference["multi_input"]
+    order = torch.argsort(want, descending=True, stable=True)[:6]
+    for r, results in enumerate(ranks):
+        indices, scores, pool_size, _, _ = results["multi_input"]
+        assert pool_size == want.numel() and torch.equal(indices, order), f"rank {r}"
+        torch.testing.assert_close(scores, want[order], rtol=1e-5, atol=0)
 
 
 def test_ties_across_blocks_break_by_lower_position(ranks, reference):
