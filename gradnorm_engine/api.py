@@ -36,6 +36,7 @@ def score_pool(
     input_keys: Sequence[str] | None = None,
     exclude_keys: Sequence[str] = (),
     num_inputs: int = 1,
+    label_key: str | int | None = None,
     device: str | torch.device | None = None,
     autocast: str | None = None,
     max_memory: int | None = None,
@@ -47,7 +48,8 @@ def score_pool(
 
     score(x) = || d loss(f(x)) / d theta ||, loss = ``score`` ("entropy": softmax entropy in
     nats; "categorical_entropy": the same with the reference code's probability clamp;
-    "pseudo_label_ce"; or a callable logits [B, C] -> [B]), theta = ``params`` (default: all
+    "pseudo_label_ce"; "cross_entropy" against each sample's label from the loader, read at
+    ``label_key``; or a callable logits [B, C] -> [B], or (logits, targets) -> [B]), theta = ``params`` (default: all
     parameters with requires_grad). ``norm="frobenius"`` is sqrt of the sum of all squares,
     ``norm="tensor_sum"`` the sum over parameter tensors of each tensor's L2 norm.
 
@@ -66,7 +68,7 @@ def score_pool(
     """
     options = dict(score=score, norm=norm, backend=backend, params=params, logits_fn=logits_fn,
                    input_key=input_key, input_keys=input_keys, exclude_keys=exclude_keys, num_inputs=num_inputs,
-                   device=device, autocast=autocast, max_memory=max_memory,
+                   label_key=label_key, device=device, autocast=autocast, max_memory=max_memory,
                    chunk_size=chunk_size, progress=progress)
     if use_sharding(distributed):   # checks the options on every rank at once
         return score_pool_sharded(model, loader, options)

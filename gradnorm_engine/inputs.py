@@ -45,11 +45,13 @@ class ModelInputs:
     """One batch of model inputs: positional and keyword tensors, every one batched on dim 0.
 
     The call is ``model(*args, **kwargs)``; slicing, splitting and concatenating act on every
-    tensor at once, so a sample's tensors never part.
+    tensor at once, so a sample's tensors never part. ``targets`` [B, ...] are the samples'
+    labels when a label-aware score reads them (never passed to the model).
     """
 
     args: tuple[torch.Tensor, ...]
     kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: torch.Tensor | None = None
 
     @classmethod
     def of(cls, x: ModelInputs | torch.Tensor) -> ModelInputs:
@@ -57,6 +59,7 @@ class ModelInputs:
         return x if isinstance(x, ModelInputs) else cls((x,))
 
     def tensors(self) -> list[torch.Tensor]:
+        """The model's input tensors (not the targets)."""
         return [*self.args, *self.kwargs.values()]
 
     def __len__(self) -> int:
@@ -69,10 +72,12 @@ class ModelInputs:
     def signature(self) -> tuple:
         """What must agree for two batches to share a chunk: names, and each tensor's sample shape."""
         return (tuple(tuple(t.shape[1:]) for t in self.args),
-                tuple((k, tuple(t.shape[1:])) for k, t in self.kwargs.items()))
+                tuple((k, tuple(t.shape[1:])) for k, t in self.kwargs.items()),
+                None if self.targets is None else tuple(self.targets.shape[1:]))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ModelInputs:
-        return ModelInputs(tuple(fn(t) for t in self.args), {k: fn(t) for k, t in self.kwargs.items()})
+        return ModelInputs(tuple(fn(t) for t in self.args), {k: fn(t) for k, t in self.kwargs.items()},
+                           None if self.targets is None else fn(self.targets))
 
     def __getitem__(self, index: slice) -> ModelInputs:
         if not isinstance(index, slice):
@@ -92,7 +97,8 @@ class ModelInputs:
             return parts[0]
         first = parts[0]
         return ModelInputs(tuple(torch.cat([p.args[i] for p in parts]) for i in range(len(first.args))),
-                           {k: torch.cat([p.kwargs[k] for p in parts]) for k in first.kwargs})
+                           {k: torch.cat([p.kwargs[k] for p in parts]) for k in first.kwargs},
+                           None if first.targets is None else torch.cat([p.targets for p in parts]))
 
     def describe(self) -> str:
         parts = [f"{tuple(t.shape)}" for t in self.args] + [f"{k}={tuple(t.shape)}" for k, t in self.kwargs.items()]
@@ -116,11 +122,15 @@ class InputReader:
 
     ``input_key``: the one mapping entry that is the (positional) input. ``input_keys``: the
     mapping entries passed by name. ``exclude_keys``: entries never passed. ``num_inputs``: how
-    many leading elements of a tuple batch are positional inputs.
+    many leading elements of a tuple batch are positional inputs. With ``needs_targets`` (a
+    label-aware score) each batch's labels come too: ``label_key`` names them (a mapping's key,
+    or a tuple's element index), by default the tuple element after the inputs or the first of
+    ``LABEL_KEYS`` a mapping holds.
     """
 
     def __init__(self, model: nn.Module | None = None, *, input_key: str | None = None,
-                 input_keys: Sequence[str] | None = None, exclude_keys: Sequence[str] = (), num_inputs: int = 1):
+                 input_keys: Sequence[str] | None = None, exclude_keys: Sequence[str] = (), num_inputs: int = 1,
+                 label_key: str | int | None = None, needs_targets: bool = False):
         if input_key is not None and input_keys is not None:
             raise ValueError("pass input_key (one entry, passed positionally) or input_keys (entries passed by "
                              "name), not both")
@@ -132,6 +142,10 @@ class InputReader:
         if not isinstance(num_inputs, int) or isinstance(num_inputs, bool) or num_inputs < 1:
             raise ValueError(f"num_inputs must be a positive int (how many leading tuple elements are inputs), "
                              f"got {num_inputs!r}")
+        if label_key is not None and (isinstance(label_key, bool) or not isinstance(label_key, (str, int))):
+            raise TypeError(f"label_key takes a mapping key (str) or a tuple index (int), got {label_key!r}")
+        self.label_key = label_key
+        self.needs_targets = needs_targets
         self.input_key = input_key
         self.input_keys = tuple(input_keys) if input_keys is not None else None
         self.exclude_keys = frozenset(exclude_keys)
@@ -139,7 +153,35 @@ class InputReader:
         self.named, self.generic = forward_keywords(model) if model is not None else (set(), False)
 
     def read(self, batch: Any) -> ModelInputs:
-        """The model inputs of one loader batch (see the module docstring)."""
+        """The model inputs of one loader batch (see the module docstring), and its labels when
+        the score needs them."""
+        inputs = self._inputs(batch)
+        if not self.needs_targets:
+            return inputs
+        targets = _checked(self.targets(batch), "the labels of the loader batch")
+        if targets.shape[0] != len(inputs):
+            raise ValueError(f"the loader batch holds {len(inputs)} inputs but {targets.shape[0]} labels")
+        return ModelInputs(inputs.args, inputs.kwargs, targets)
+
+    def targets(self, batch: Any) -> torch.Tensor:
+        """The labels inside one loader batch; a batch without them is refused by name."""
+        fix = ("a label-aware score (cross_entropy, or a score taking (logits, targets)) needs each sample's label: "
+               "yield (inputs, labels) or a mapping with a 'labels' entry, or name it with label_key=")
+        if isinstance(batch, Mapping):
+            key = self.label_key if self.label_key is not None else next((k for k in LABEL_KEYS if k in batch), None)
+            if key is None or key not in batch:
+                raise ValueError(f"the loader batch is a mapping with keys {sorted(map(str, batch))} and no labels"
+                                 f"{'' if self.label_key is None else f' at label_key={self.label_key!r}'}; {fix}")
+            return batch[key]
+        if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+            index = self.label_key if isinstance(self.label_key, int) else self.num_inputs
+            if isinstance(self.label_key, str) or not -len(batch) <= index < len(batch):
+                raise ValueError(f"the loader batch is a {type(batch).__name__} of {len(batch)} element(s) and "
+                                 f"holds no labels at index {index}; {fix}")
+            return batch[index]
+        raise ValueError(f"the loader batches are {type(batch).__name__}s, which hold no labels; {fix}")
+
+    def _inputs(self, batch: Any) -> ModelInputs:
         if isinstance(batch, torch.Tensor):
             return ModelInputs((_checked(batch, "the loader batch"),))
         if isinstance(batch, Mapping):
@@ -166,7 +208,7 @@ class InputReader:
                                 f"{sorted(map(str, batch))})")
             return list(self.input_keys)
         return [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in LABEL_KEYS
-                and k not in self.exclude_keys and (self.generic or k in self.named)]
+                and k != self.label_key and k not in self.exclude_keys and (self.generic or k in self.named)]
 
     def unused(self, batch: Any) -> list[str]:
         """Entries of a mapping batch that look like model inputs and are not passed."""
@@ -176,7 +218,7 @@ class InputReader:
         if not passed:
             passed = {next((k for k in DEFAULT_INPUT_KEYS if k in batch), None)}
         candidates = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in passed
-                      and k not in LABEL_KEYS and k not in self.exclude_keys]
+                      and k not in LABEL_KEYS and k != self.label_key and k not in self.exclude_keys]
         return [k for k in candidates if k in AUXILIARY_INPUT_KEYS or k in self.named]
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .inputs import ModelInputs, check_logits, check_loss, resolve_logits_fn
 from .kernels import accum_dtype
-from .scores import ScoreFn, resolve_score
+from .scores import Score, resolve_score
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,7 +24,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class ScoringJob:
     model: nn.Module
     params: list[tuple[str, nn.Parameter]]   # the measured parameters, in column order of sqnorms
-    loss_fn: ScoreFn                         # logits [B, C] -> per-sample loss [B]
+    loss_fn: Score                           # logits [B, C] (, targets [B]) -> per-sample loss [B]
     logits_fn: Callable[[Any], torch.Tensor]
     device: torch.device
     autocast: torch.dtype | None = None
@@ -52,7 +52,7 @@ class ScoringJob:
                ) -> torch.Tensor:
         """Per-sample losses of a batch; inputs [B, ...] -> [B]."""
         x = ModelInputs.of(x)
-        return check_loss(self.loss_fn(self.logits(x, substitutes)), len(x))
+        return check_loss(self.loss_fn(self.logits(x, substitutes), x.targets), len(x))
 
     def autocast_context(self):
         if self.autocast is None:

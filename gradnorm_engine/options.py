@@ -36,6 +36,7 @@ class ScoringOptions:
     input_keys: Sequence[str] | None = None
     exclude_keys: Sequence[str] = ()
     num_inputs: int = 1
+    label_key: str | int | None = None
     device: str | torch.device | None = None
     autocast: str | None = None
     max_memory: int | None = None
@@ -75,10 +76,12 @@ class ScoringOptions:
                         device=self.device, autocast=self.autocast, max_memory=self.max_memory,
                         options={"chunk_size": self.chunk_size} if self.chunk_size else None)
 
-    def input_reader(self, model: nn.Module | None) -> InputReader:
-        """How this call reads its loader's batches into ``model``'s inputs."""
+    def input_reader(self, model: nn.Module | None, needs_targets: bool = False) -> InputReader:
+        """How this call reads its loader's batches into ``model``'s inputs (and labels, when
+        the score reads them)."""
         return InputReader(model, input_key=self.input_key, input_keys=self.input_keys,
-                           exclude_keys=self.exclude_keys, num_inputs=self.num_inputs)
+                           exclude_keys=self.exclude_keys, num_inputs=self.num_inputs, label_key=self.label_key,
+                           needs_targets=needs_targets)
 
     def digest(self) -> dict:
         """The options every rank of a sharded call must share (device aside: each rank has its own)."""
@@ -86,4 +89,4 @@ class ScoringOptions:
                                                                        type(self.score).__name__)
         return {"norm": self.norm, "score": score, "backend": self.backend, "chunk_size": self.chunk_size,
                 "autocast": self.autocast, "input_key": self.input_key, "input_keys": self.input_keys,
-                "exclude_keys": self.exclude_keys, "num_inputs": self.num_inputs}
+                "exclude_keys": self.exclude_keys, "num_inputs": self.num_inputs, "label_key": self.label_key}

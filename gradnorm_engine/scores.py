@@ -2,15 +2,21 @@
 
 Every function here is applied row by row (no mixing across samples), so the gradient of
 ``loss.sum()`` with respect to a layer's output splits into independent per-sample parts.
+
+Label-free scores take the logits alone; label-aware ones (``cross_entropy``, or a callable of
+two required positional arguments) take ``(logits, targets)``, each sample's label read from
+the loader (README: ``label_key``).
 """
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+ScoreFn = Callable[..., torch.Tensor]   # logits [B, C] (, targets [B]) -> per-sample loss [B]
 
 
 def check_classes(logits: torch.Tensor) -> None:
@@ -54,20 +60,58 @@ def pseudo_label_ce(logits: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(x, target, reduction="none")
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against each sample's true label (GraNd's score).  [B, C], [B] -> [B]"""
+    check_classes(logits)
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    return F.cross_entropy(x, targets.to(x.device).long(), reduction="none")
+
+
 SCORES: dict[str, ScoreFn] = {
     "entropy": entropy,
     "categorical_entropy": categorical_entropy,
     "pseudo_label_ce": pseudo_label_ce,
+    "cross_entropy": cross_entropy,
 }
+# The built-in scores that read each sample's label.
+LABEL_SCORES = frozenset({"cross_entropy"})
 
 
-def resolve_score(score: str | ScoreFn) -> ScoreFn:
-    if callable(score):
-        return score
+@dataclass(frozen=True)
+class Score:
+    """A resolved score: ``fn`` and whether it reads labels (``fn(logits, targets)``)."""
+
+    fn: ScoreFn
+    needs_targets: bool
+    name: str
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.needs_targets:
+            return self.fn(logits)
+        if targets is None:
+            raise ValueError(f"score {self.name} needs each sample's label, and none came with the inputs")
+        return self.fn(logits, targets)
+
+
+def takes_targets(fn: Callable) -> bool:
+    """Whether a callable score reads labels: two or more required positional parameters."""
     try:
-        return SCORES[score]
-    except KeyError:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    return len(required) >= 2
+
+
+def resolve_score(score: str | ScoreFn | Score) -> Score:
+    if isinstance(score, Score):
+        return score
+    if callable(score):
+        return Score(score, takes_targets(score), getattr(score, "__qualname__", type(score).__name__))
+    try:
+        return Score(SCORES[score], score in LABEL_SCORES, repr(score))
+    except (KeyError, TypeError):
         raise ValueError(
             f"unknown score {score!r}; choose one of {sorted(SCORES)} or pass a callable "
-            "logits [B, C] -> per-sample loss [B]"
+            "logits [B, C] -> per-sample loss [B], or (logits [B, C], targets [B]) -> [B] for a label-aware one"
         ) from None

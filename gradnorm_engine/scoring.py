@@ -42,8 +42,8 @@ def score_stream(job: ScoringJob, loader: Iterable, options: ScoringOptions, *, 
     """Score a checked job over ``loader``: the model on the job's device, in eval mode.  -> ([N], backend)"""
     with on_device(job.model, job.device), eval_mode(job.model), torch.enable_grad():
         with resolve_backend(options.backend, job) as engine:
-            scores = _stream_scores(job, engine, loader, options.input_reader(job.model), norm=options.norm,
-                                    progress=progress)
+            reader = options.input_reader(job.model, needs_targets=job.loss_fn.needs_targets)
+            scores = _stream_scores(job, engine, loader, reader, norm=options.norm, progress=progress)
             return scores, engine.name
 
 

@@ -39,8 +39,22 @@ def test_low_precision_logits_are_scored_in_fp32():
 
 
 def test_resolve_score():
-    assert resolve_score("entropy") is entropy
+    assert resolve_score("entropy").fn is entropy and not resolve_score("entropy").needs_targets
     fn = lambda z: z.sum(-1)  # noqa: E731
-    assert resolve_score(fn) is fn
+    assert resolve_score(fn).fn is fn
     with pytest.raises(ValueError, match="unknown score"):
         resolve_score("bald")
+
+
+def test_cross_entropy_reads_labels_and_a_two_argument_callable_is_label_aware():
+    from gradnorm_engine.scores import cross_entropy, takes_targets
+
+    logits = torch.randn(4, 3, dtype=torch.float64)
+    targets = torch.tensor([0, 2, 1, 2])
+    want = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    assert torch.equal(resolve_score("cross_entropy")(logits, targets), want)
+    assert resolve_score("cross_entropy").needs_targets and cross_entropy(logits, targets).shape == (4,)
+    assert takes_targets(lambda z, t: z[:, 0]) and not takes_targets(lambda z: z[:, 0])
+    assert not takes_targets(lambda z, t=None: z[:, 0])   # an optional second argument is not required
+    with pytest.raises(ValueError, match="needs each sample's label"):
+        resolve_score("cross_entropy")(logits)

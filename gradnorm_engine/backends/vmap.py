@@ -40,21 +40,24 @@ class VmapBackend(Backend):
         self.names = [n for n, _ in job.params]
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if n not in measured}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
-        # in_dims 0 for every tensor of the inputs: positional and keyword tensors alike
-        self.per_sample_grad = vmap(grad(self._loss_one), in_dims=(None, 0, 0), randomness="error")
+        # in_dims 0 for every tensor of the inputs (positional and keyword alike), and for the
+        # labels when the score reads them (None where there are none: vmap maps tensors only)
+        self.per_sample_grad = {labels: vmap(grad(self._loss_one), in_dims=(None, 0, 0, 0 if labels else None),
+                                             randomness="error") for labels in (False, True)}
 
     @classmethod
     def supports(cls, job) -> bool:
         has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in job.model.modules())
         return not (job.autocast is not None and has_batchnorm)
 
-    def _loss_one(self, measured: dict, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _loss_one(self, measured: dict, args: tuple, kwargs: dict, targets: torch.Tensor | None) -> torch.Tensor:
         job = self.job
         # (1, ...): the model sees a batch of one, every input of the sample with it
         args = tuple(t.unsqueeze(0) for t in args)
         kwargs = {k: t.unsqueeze(0) for k, t in kwargs.items()}
         out = functional_call(job.model, ({**measured, **self.frozen}, self.buffers), args, kwargs)
-        loss = check_loss(job.loss_fn(check_logits(job.logits_fn(out), 1)), 1)
+        targets = None if targets is None else targets.unsqueeze(0)
+        loss = check_loss(job.loss_fn(check_logits(job.logits_fn(out), 1), targets), 1)
         return loss[0]
 
     def chunk_size(self, example: ModelInputs | torch.Tensor) -> int:
@@ -73,7 +76,8 @@ class VmapBackend(Backend):
         measured = {n: p.detach() for n, p in self.job.params}
         try:
             with self.job.autocast_context():
-                grads = self.per_sample_grad(measured, x.args, x.kwargs)      # {name: [B, *param.shape]}
+                per_sample_grad = self.per_sample_grad[x.targets is not None]
+                grads = per_sample_grad(measured, x.args, x.kwargs, x.targets)   # {name: [B, *param.shape]}
         except RuntimeError as err:
             if "mutate a captured Tensor" not in str(err):
                 raise
