@@ -6,7 +6,9 @@
 """
 from .api import RankResult, rank_unlabeled, score_pool, top_k
 from .norms import register_norm_rule
+from .per_parameter import per_parameter_sqnorms
 
 __version__ = "0.1.0"
 
-__all__ = ["RankResult", "rank_unlabeled", "register_norm_rule", "score_pool", "top_k", "__version__"]
+__all__ = ["RankResult", "per_parameter_sqnorms", "rank_unlabeled", "register_norm_rule", "score_pool", "top_k",
+           "__version__"]

@@ -15,7 +15,7 @@ of different sizes are almost always a mistake.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -31,19 +31,28 @@ from .options import ScoringOptions
 from .reduction import reduce_sqnorms
 
 
-def score_here(model: nn.Module, loader: Iterable, options: ScoringOptions) -> tuple[torch.Tensor, str]:
-    """Every sample's score on this process, after checking the loader and the job.  -> ([N], backend)"""
+# What a chunk's per-parameter squared norms [B, P] become: scores [B] (the norm), or [B, G].
+Reduction = Callable[[torch.Tensor], torch.Tensor]
+
+
+def score_here(model: nn.Module, loader: Iterable, options: ScoringOptions, reduce: Reduction | None = None
+               ) -> tuple[torch.Tensor, str]:
+    """Every sample's score on this process, after checking the loader and the job.  -> ([N], backend)
+
+    ``reduce``: what each chunk's squared norms [B, P] become (default: ``options.norm``'s score [B]).
+    """
     check_pool_loader(loader)
-    return score_stream(options.make_job(model), loader, options, progress=options.progress)
+    return score_stream(options.make_job(model), loader, options, progress=options.progress, reduce=reduce)
 
 
-def score_stream(job: ScoringJob, loader: Iterable, options: ScoringOptions, *, progress: bool
-                 ) -> tuple[torch.Tensor, str]:
+def score_stream(job: ScoringJob, loader: Iterable, options: ScoringOptions, *, progress: bool,
+                 reduce: Reduction | None = None) -> tuple[torch.Tensor, str]:
     """Score a checked job over ``loader``: the model on the job's device, in eval mode.  -> ([N], backend)"""
     with on_device(job.model, job.device), eval_mode(job.model), torch.enable_grad():
         with resolve_backend(options.backend, job) as engine:
             reader = options.input_reader(job.model, needs_targets=job.loss_fn.needs_targets)
-            scores = _stream_scores(job, engine, loader, reader, norm=options.norm, progress=progress)
+            scores = _stream_scores(job, engine, loader, reader, progress=progress,
+                                    reduce=reduce or (lambda sq: reduce_sqnorms(sq, options.norm)))
             return scores, engine.name
 
 
@@ -100,8 +109,8 @@ def _warn_unused_inputs(batch, reader: InputReader) -> None:
             IgnoredInputWarning, stacklevel=6)   # the caller of score_pool or rank_unlabeled
 
 
-def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: InputReader, *, norm, progress
-                   ) -> torch.Tensor:
+def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: InputReader, *,
+                   reduce: Reduction, progress: bool) -> torch.Tensor:
     total = pool_length(loader)
     bar = tqdm(total=total, unit="sample", unit_scale=True, desc=f"gradnorm ({engine.name})",
                disable=not progress, dynamic_ncols=True)
@@ -125,7 +134,7 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
             for part in x.split(chunk):
                 run(part)
             return
-        results.append(reduce_sqnorms(sq, norm).detach().cpu())
+        results.append(reduce(sq).detach().cpu())
         bar.update(len(x))
 
     try:
@@ -154,7 +163,7 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
     if seen == 0:
         raise ValueError("the pool is empty: the loader yielded no samples")
     scores = torch.cat(results)
-    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    bad = (~torch.isfinite(scores)).reshape(scores.shape[0], -1).any(dim=1).nonzero().flatten()
     if bad.numel():
         shown = ", ".join(str(int(i)) for i in bad[:20]) + (" ..." if bad.numel() > 20 else "")
         raise ValueError(

@@ -59,6 +59,7 @@ class RankStatus:
     count: int = 0          # samples scored
     backend: str = ""       # the backend that ran ("" for an empty block)
     dtype: str = ""         # score dtype, e.g. "torch.float32" ("" for an empty block)
+    row_shape: tuple = ()   # the shape of one sample's result: () for a score, (G,) for G norms
     message: str = ""       # the error, when not ok
     error: BaseException | None = field(default=None, repr=False)   # the error itself, when not ok
 
@@ -72,6 +73,7 @@ class ScoredBlock:
     group: object                # the gloo group for the exchanges
     dtype: torch.dtype           # the score dtype all ranks agree on
     backend: str
+    row_shape: tuple = ()        # one sample's result: () for a score, (G,) for per-parameter norms
 
     @property
     def pool_size(self) -> int:
@@ -121,14 +123,14 @@ def exchange_status(status: RankStatus, group) -> list[RankStatus]:
 
 
 def gather_scores(block: ScoredBlock) -> torch.Tensor:
-    """Every rank's scores, concatenated in rank order = pool order.  -> [N] on every rank
+    """Every rank's scores, concatenated in rank order = pool order.  -> [N, *row_shape] on every rank
 
     all_gather needs equal shapes, so each block is zero-padded to the longest and cut back.
     """
     width = max(s.count for s in block.statuses)
-    mine = torch.zeros(width, dtype=block.dtype)
-    mine[: block.scores.numel()] = block.scores.to(block.dtype)
-    gathered = [torch.empty(width, dtype=block.dtype) for _ in block.statuses]
+    mine = torch.zeros(width, *block.row_shape, dtype=block.dtype)
+    mine[: block.scores.shape[0]] = block.scores.to(block.dtype)
+    gathered = [torch.empty(width, *block.row_shape, dtype=block.dtype) for _ in block.statuses]
     collective(lambda: dist.all_gather(gathered, mine, group=block.group), "gathering the scores")
     return torch.cat([g[: s.count] for g, s in zip(gathered, block.statuses)])
 

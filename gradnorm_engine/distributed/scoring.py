@@ -18,15 +18,20 @@ from torch import nn
 from ..loaders import check_pool_loader, items_are_batches
 from ..options import ScoringOptions
 from ..ranking import RankResult, check_k, check_k_fits
-from ..scoring import score_stream
+from ..scoring import Reduction, score_stream
 from .exchange import (DistributedScoringError, RankStatus, ScoredBlock, agree_before_scoring, control_group,
                        exchange_status, gather_scores, gather_top_k, picklable)
 from .sharding import check_shardable, loader_order, order_digest, shard_loader
 
 
-def score_pool_sharded(model: nn.Module, loader: Iterable, options: dict) -> torch.Tensor:
-    """score_pool's sharded path: every rank returns all N scores, in pool order.  -> [N]"""
-    block, _ = _score_own_block(model, loader, options)
+def score_pool_sharded(model: nn.Module, loader: Iterable, options: dict, reduce: Reduction | None = None,
+                       what: str = "scores") -> torch.Tensor:
+    """score_pool's sharded path: every rank returns all N scores, in pool order.  -> [N]
+
+    ``reduce`` and ``what``: another result per sample than the score (per_parameter_sqnorms
+    gathers [N, G]); ``what`` names it in the ranks' agreement.
+    """
+    block, _ = _score_own_block(model, loader, options, reduce=reduce, what=what)
     return gather_scores(block)
 
 
@@ -41,8 +46,8 @@ def rank_unlabeled_sharded(model: nn.Module, loader: Iterable, k, options: dict)
                       norm=checked.norm)
 
 
-def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None
-                     ) -> tuple[ScoredBlock, ScoringOptions]:
+def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None, reduce: Reduction | None = None,
+                     what: str = "scores") -> tuple[ScoredBlock, ScoringOptions]:
     """Score this rank's block, then exchange statuses; raise on every rank if any rank failed."""
     rank, world = dist.get_rank(), dist.get_world_size()
     group = control_group()
@@ -61,7 +66,7 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None
         order = loader_order(loader)
         align = 1 if items_are_batches(loader) else int(checked.chunk_size or 1)
         block, start, stop = shard_loader(loader, rank, world, order, align=align)
-        shared = {"k": k, **checked.digest()}
+        shared = {"result": what, "k": k, **checked.digest()}
         agreement = f"{order_digest(loader, order)}; " + ", ".join(f"{n}={v}" for n, v in shared.items())
     except Exception as err:  # noqa: BLE001 - raised below, after every rank has heard of it
         refused = err
@@ -72,8 +77,10 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None
     error: BaseException | None = None
     if stop > start:
         try:
-            scores, backend = score_stream(job, block, checked, progress=checked.progress and rank == 0)
-            status = RankStatus(ok=True, count=scores.numel(), backend=backend, dtype=str(scores.dtype))
+            scores, backend = score_stream(job, block, checked, progress=checked.progress and rank == 0,
+                                           reduce=reduce)
+            status = RankStatus(ok=True, count=scores.shape[0], backend=backend, dtype=str(scores.dtype),
+                                row_shape=tuple(scores.shape[1:]))
         except Exception as err:  # reported to every rank below, then re-raised here
             error = err
             block_words = (f"items {start}..{stop - 1} of the loader (each a batch); positions in this message "
@@ -90,4 +97,5 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None
     if not done:
         raise ValueError("the pool is empty: the loader yielded no samples")
     dtype = getattr(torch, done[0].dtype.removeprefix("torch."))
-    return ScoredBlock(scores=scores, statuses=statuses, group=group, dtype=dtype, backend=done[0].backend), checked
+    return ScoredBlock(scores=scores, statuses=statuses, group=group, dtype=dtype, backend=done[0].backend,
+                       row_shape=done[0].row_shape), checked

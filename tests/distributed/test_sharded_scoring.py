@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, TensorDataset
 
-from gradnorm_engine import rank_unlabeled, score_pool, top_k
+from gradnorm_engine import per_parameter_sqnorms, rank_unlabeled, score_pool, top_k
 from gradnorm_engine.distributed import (DistributedScoringError, broadcast_module, is_main_process, loader_order,
                                          shard_bounds, shard_loader, use_sharding)
 from gradnorm_engine.ranking import merge_top_k
@@ -257,6 +257,8 @@ def run_checks(outdir: str) -> dict:
         "aligned_chunks": lambda: score_pool(model, pool_loader(), chunk_size=5, progress=False),
         "multi_input": lambda: rank_tuple(rank_unlabeled(token_model(), token_loader(), 6, chunk_size=2,
                                                          progress=False)),
+        "per_parameter": lambda: per_parameter_sqnorms(model, pool_loader(), group="module", chunk_size=5,
+                                                       progress=False),
         "main_unpicklable": main_process_unpicklable,
         "bad_backend": lambda: score_pool(model, pool_loader(), backend="nope", progress=False),
     }
@@ -344,6 +346,7 @@ def reference() -> dict:
         "score_prebatched": score_pool(model, prebatched_loader(), progress=False),
         "aligned_chunks": score_pool(model, pool_loader(), chunk_size=5, progress=False),
         "multi_input": score_pool(token_model(), token_loader(), chunk_size=2, progress=False),
+        "per_parameter": per_parameter_sqnorms(model, pool_loader(), group="module", chunk_size=5, progress=False),
         "tiny_pool": (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), chunk_size=1, progress=False),
                       rank_tuple(rank_unlabeled(model, DataLoader(make_inputs()[:2]), 2, chunk_size=1,
                                                 progress=False))),
@@ -382,7 +385,7 @@ def assert_same(got, want, what: str) -> None:
 
 @pytest.mark.parametrize("check", ["score_pool", "score_pool_tensor_sum", "rank_k", "rank_all", "rank_1",
                                    "rank_reordered", "score_batch_sampler", "score_prebatched", "tiny_pool",
-                                   "aligned_chunks"])
+                                   "aligned_chunks", "per_parameter"])
 def test_every_rank_returns_the_single_process_answer(ranks, reference, check):
     for r, results in enumerate(ranks):
         assert_same(results[check], reference[check], f"rank {r} of {len(ranks)}, {check}")
