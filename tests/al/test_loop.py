@@ -104,6 +104,19 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, digits, even
     _check_records(resumed, preset, len(digits.train))
 
 
+@pytest.mark.parametrize("strategy", ["badge"])
+def test_a_randomised_engine_strategy_resumes_to_the_same_picks(tmp_path, digits, strategy):
+    """BADGE draws from the trial's query generator: a resumed run must draw as the whole one did."""
+    preset = Preset(**{**TINY.__dict__, "cycles": 3})
+    whole = run_active_learning(_config(tmp_path / "whole", [strategy], preset), data=digits, log=None)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run_active_learning(_config(out, [strategy], preset), data=digits, log=None, hook=_kill_at("trained", 2))
+    resumed = run_active_learning(_config(out, [strategy], preset, resume=True), data=digits, log=None)
+    assert [r["queried"] for r in resumed] == [r["queried"] for r in whole]
+    _check_records(resumed, preset, len(digits.train))
+
+
 def test_resume_with_more_cycles_continues_after_the_last_query(tmp_path, digits):
     run_active_learning(_config(tmp_path, ["entropy"]), data=digits, log=None)
     longer = Preset(**{**TINY.__dict__, "cycles": 3})

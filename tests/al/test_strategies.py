@@ -33,13 +33,13 @@ def context():
                         lossnet=lossnet, generator=torch.Generator().manual_seed(1), batch_size=16)
 
 
-def test_registry_holds_the_six_strategies_and_their_training_needs():
-    assert set(STRATEGIES) == {"lplgrad", "ent-gradnorm", "learning-loss", "entropy", "coreset", "random"}
+def test_registry_holds_the_strategies_and_their_training_needs():
+    assert set(STRATEGIES) == {"lplgrad", "ent-gradnorm", "learning-loss", "entropy", "coreset", "random", "badge"}
     needs = {name: cls.uses_lossnet for name, cls in STRATEGIES.items()}
     assert needs == {"lplgrad": True, "learning-loss": True, "ent-gradnorm": False, "entropy": False,
-                     "coreset": False, "random": False}
-    with pytest.raises(UsageError, match="unknown strategy 'badge'"):
-        make_strategy("badge")
+                     "coreset": False, "random": False, "badge": False}
+    with pytest.raises(UsageError, match="unknown strategy 'bald'"):
+        make_strategy("bald")
 
 
 def test_an_option_a_strategy_does_not_take_is_refused_with_the_ones_it_takes():
@@ -139,3 +139,13 @@ def test_a_diverged_model_gets_a_named_error_from_every_score_based_strategy(con
     for name in ("coreset", "entropy", "ent-gradnorm"):
         with pytest.raises(ValueError, match="NaN"):
             make_strategy(name).select(nan_context, BUDGET)
+
+
+def test_badge_picks_kmeans_pp_seeds_of_the_subsets_gradient_embeddings(context):
+    from gradnorm_engine.badge import kmeans_pp_gradient_embeddings, last_layer_features
+
+    h, p = last_layer_features(context.model, context.loader(context.subset), progress=False)
+    want = context.subset[kmeans_pp_gradient_embeddings(h, p, BUDGET, torch.Generator().manual_seed(5))]
+    picked = make_strategy("badge").select(QueryContext(**{**context.__dict__,
+                                                          "generator": torch.Generator().manual_seed(5)}), BUDGET)
+    assert torch.equal(picked, want)
