@@ -16,13 +16,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import SingleLogitError
+
 ScoreFn = Callable[..., torch.Tensor]   # logits [B, C] (, targets [B]) -> per-sample loss [B]
 
 
 def check_classes(logits: torch.Tensor) -> None:
     """The built-in scores need two or more classes: over one logit the softmax is constant."""
     if logits.shape[-1] < 2:
-        raise ValueError(
+        raise SingleLogitError(
             f"the model gives {logits.shape[-1]} logit per sample: a softmax over one class is constant, so "
             "every score would be 0 and the ranking meaningless. For a binary classifier with one logit z, "
             "pass logits_fn=lambda out: torch.cat([torch.zeros_like(out), out], dim=1) (two classes with "

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backends import Backend, resolve_backend
-from .errors import SampleShapeError
+from .errors import NonFiniteScoreError, SampleShapeError
 from .inputs import IgnoredInputWarning, InputReader, ModelInputs
 from .job import ScoringJob, eval_mode, on_device
 from .loaders import batch_size_hint, check_pool_loader, pool_length
@@ -166,7 +166,7 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
     bad = (~torch.isfinite(scores)).reshape(scores.shape[0], -1).any(dim=1).nonzero().flatten()
     if bad.numel():
         shown = ", ".join(str(int(i)) for i in bad[:20]) + (" ..." if bad.numel() > 20 else "")
-        raise ValueError(
+        raise NonFiniteScoreError(
             f"{bad.numel()} sample(s) got a non-finite score (NaN or Inf in the sample or its logits), at "
-            f"pool positions {shown}; clean or drop those samples, or check the model for overflow")
+            f"pool positions {shown}; clean or drop those samples, or check the model for overflow", bad.tolist())
     return scores

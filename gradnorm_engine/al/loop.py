@@ -38,12 +38,14 @@ from ..devices import resolve_device
 from ..distributed import broadcast_module, is_main_process, on_main_process
 from ..errors import UsageError
 from ..reduction import NORMS
-from .datasets import ALDataset, ImageTensors, load_dataset
+from .datasets import ALDataset, ImageTensors, content_fingerprint, load_dataset
 from .lossnet import LossNet, has_stage_taps, lossnet_for
 from .models import cifar_resnet18
 from .presets import Preset, check_settings
-from .run_folder import (CONFIG, RESULTS, atomic_torch_save, atomic_write_bytes, check_checkpoints_cover_results,
-                         checkpoint_path, load_all_records, load_trial_state, make_out_folder, write_results)
+from .run_folder import (CONFIG, atomic_torch_save, atomic_write_bytes, check_checkpoint_folders,
+                         check_checkpoints_cover_results, check_writable, checkpoint_path, holds_run,
+                         load_all_records, load_trial_state, make_out_folder, read_config, remove_stale_temp_files,
+                         write_results)
 from .strategies import STRATEGIES, QueryContext, Strategy, make_strategy
 from .trainer import TrainConfig, evaluate, place_split, train
 
@@ -53,10 +55,18 @@ from .trainer import TrainConfig, evaluate, place_split, train
 RESUME_KEYS = ("dataset", "seed", "initial", "budget", "subset", "epochs", "lr", "milestones", "batch_size",
                "detach_epoch", "width", "from_scratch", "norm", "score", "pool")
 # Data options a resumed run must share too (paths to the data may move; what is read from them
-# may not: the pool fact above catches a different folder with the same options).
+# may not: the pool counts above and the content fingerprint catch other data with the same options).
 RESUME_DATA_KEYS = ("train_root", "test_root", "image_size")
 # What runs written before a key was saved used (they could use nothing else).
 RESUME_DEFAULTS = {"score": "entropy"}
+# The type of every setting config.json holds (ALConfig.settings, the pool and the fingerprint);
+# every version has saved all of them but score, pool and fingerprint.
+SETTING_TYPES = {"dataset": "string", "strategies": "strings", "seed": "integer", "initial": "integer",
+                 "budget": "integer", "subset": "integer", "cycles": "integer", "trials": "integer",
+                 "epochs": "integer", "lr": "number", "milestones": "integers", "batch_size": "integer",
+                 "detach_epoch": "integer", "width": "integer", "from_scratch": "boolean", "norm": "string",
+                 "score": "string", "backend": "string", "data": "object", "pool": "object", "fingerprint": "object"}
+ALWAYS_SAVED = tuple(k for k in SETTING_TYPES if k not in ("score", "pool", "fingerprint"))
 
 # Losses the gradient-norm strategies may differentiate: the softmax entropy, or the same with the
 # public reference code's probability clamp (Categorical(probs=...).entropy()).
@@ -236,28 +246,83 @@ def validate(config: ALConfig, pool_size: int) -> None:
 # The run folder's settings
 
 
-def _prepare_out(config: ALConfig, data: ALDataset) -> None:
-    """Create ``config.out`` and write its config.json, or check it against the run there."""
+def _prepare_out(config: ALConfig, data: ALDataset) -> dict:
+    """Create ``config.out`` and write its config.json, or, on a resume, check the run there (its
+    settings, data, files and folders) and remove its stale temporary files.  -> the settings
+    written (on a resume: with the strategies, trials and cycles of both runs)"""
     make_out_folder(config.out)
     settings = config.settings()
     settings["pool"] = {"train": len(data.train), "test": len(data.test), "classes": list(data.classes)}
+    settings["fingerprint"] = {"train": content_fingerprint(data.train), "test": content_fingerprint(data.test)}
     path = os.path.join(config.out, CONFIG)
-    exists = os.path.exists(path) or os.path.exists(os.path.join(config.out, RESULTS))
-    if exists and not config.resume:
+    if holds_run(config.out) and not config.resume:
         raise UsageError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
     if config.resume:
-        check_checkpoints_cover_results(config.out)
-    if config.resume and os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        settings = _resumed_settings(config.out, saved, settings)
+        saved = read_config(config.out)
+        if saved is not None or holds_run(config.out):   # else: nothing to resume, a new run
+            settings = _continued_run(config.out, saved, settings)
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
+    return settings
+
+
+def _continued_run(out: str, saved: dict | None, settings: dict) -> dict:
+    """Check the run in ``out`` that a resume with ``settings`` continues (its config.json holds
+    ``saved``): its settings, its data, what it will write and what its checkpoints/ holds; then
+    remove its stale temporary files.  -> the settings of the continued run"""
+    _check_saved_settings(os.path.join(out, CONFIG), saved)
+    check_writable(out, list(dict.fromkeys(saved["strategies"] + settings["strategies"])),
+                   max(saved["trials"], settings["trials"]))
+    check_checkpoint_folders(out, saved["strategies"], saved["trials"], list(STRATEGIES))
+    check_checkpoints_cover_results(out)
+    settings = _resumed_settings(out, saved, settings)
+    remove_stale_temp_files(out, settings["strategies"])
+    return settings
+
+
+def _check_saved_settings(path: str, saved: dict | None) -> None:
+    """The saved run's settings (config.json at ``path``) are there, whole and of their types;
+    UsageError naming what is not (a resume must not guess them)."""
+    fix = "restore the run's config.json, or start a new run in another --out"
+    if saved is None:
+        raise UsageError(f"--resume: {os.path.dirname(path)} holds a run but no {CONFIG}, so the run's settings "
+                         f"are unknown and a resume could mix other settings into it; {fix}")
+    missing = [k for k in ALWAYS_SAVED if k not in saved]
+    if len(missing) == len(ALWAYS_SAVED):
+        raise UsageError(f"--resume: {path} holds none of the run's settings; {fix}")
+    if missing:
+        raise UsageError(f"--resume: {path} lacks the run's {', '.join(missing)}; {fix}")
+    for key, kind in SETTING_TYPES.items():
+        if key in saved and not _is_setting(saved[key], kind):
+            shown = json.dumps(saved[key])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise UsageError(f"--resume: {path} holds {key} = {shown}, not {_KIND_WORDS[kind]}; {fix}")
+    unknown = [name for name in saved["strategies"] if name not in STRATEGIES]
+    if unknown:
+        raise UsageError(f"--resume: {path} names strategies this version does not have "
+                         f"({', '.join(map(repr, unknown))}); {fix}")
+
+
+_KIND_WORDS = {"string": "a string", "strings": "a list of strings", "integer": "an integer",
+               "integers": "a list of integers", "number": "a number", "boolean": "true or false",
+               "object": "a JSON object"}
+
+
+def _is_setting(value, kind: str) -> bool:
+    """Whether ``value`` (read from JSON) is of ``kind``, a key of _KIND_WORDS."""
+    if kind in ("strings", "integers"):
+        return isinstance(value, list) and all(_is_setting(v, kind[:-1]) for v in value)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, {"string": str, "boolean": bool, "object": dict}[kind])
 
 
 def _resumed_settings(out: str, saved: dict, settings: dict) -> dict:
     """The config.json of a resume of the run in ``out``, whose config.json holds ``saved``:
     ``settings`` with the strategies, trials and cycles of both runs. UsageError naming every
-    setting (RESUME_KEYS, RESUME_DATA_KEYS) that differs from the saved run's."""
+    setting (RESUME_KEYS, RESUME_DATA_KEYS) that differs from the saved run's, or the split whose
+    content differs from the saved fingerprint's (runs written before it was saved have none)."""
     # Keys a run of an older version did not save: compared with the value that version
     # always used where there was one, not compared otherwise.
     saved = {**RESUME_DEFAULTS, **saved}
@@ -269,9 +334,16 @@ def _resumed_settings(out: str, saved: dict, settings: dict) -> dict:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in different)
         raise UsageError(f"--resume with settings that differ from the run in {out} ({shown}); "
                          "use the same settings and data, or another --out")
-    return {**settings, "strategies": list(dict.fromkeys(saved.get("strategies", []) + settings["strategies"])),
-            "trials": max(saved.get("trials", 0), settings["trials"]),
-            "cycles": max(saved.get("cycles", 0), settings["cycles"])}
+    if "fingerprint" in saved:
+        changed = [split for split in ("train", "test")
+                   if saved["fingerprint"].get(split) != settings["fingerprint"][split]]
+        if changed:
+            raise UsageError(f"--resume with other data than the run in {out}: the {' and '.join(changed)} "
+                             "images or labels differ from those the run was written with (the same counts and "
+                             "classes, other content); give the run's own data, or start a new run in another --out")
+    return {**settings, "strategies": list(dict.fromkeys(saved["strategies"] + settings["strategies"])),
+            "trials": max(saved["trials"], settings["trials"]),
+            "cycles": max(saved["cycles"], settings["cycles"])}
 
 
 def _ordered_records(all_records: dict[tuple[str, int], list[dict]], strategy_order: list[str]) -> list[dict]:
@@ -406,10 +478,11 @@ def _open_run(config: ALConfig, data: ALDataset | None, model_factory: ModelFact
     validate(config, len(data.train))
     device = resolve_device(config.device)
     strategies = {name: make_strategy(name, **strategy_options(config, name)) for name in config.strategies}
-    on_main_process(lambda: _prepare_out(config, data))
+    written = on_main_process(lambda: _prepare_out(config, data))
     train_split = place_split(data.train, device)
     test_split = place_split(data.test, device)
-    all_records = on_main_process(lambda: load_all_records(config.out)) if config.resume else {}
+    all_records = on_main_process(lambda: load_all_records(config.out, written["strategies"], written["trials"])) \
+        if config.resume else {}
     p = config.preset
     progress = config.progress and main
     train_config = TrainConfig(epochs=p.epochs, lr=p.lr, milestones=p.milestones, batch_size=p.batch_size,
@@ -423,8 +496,7 @@ def _open_run(config: ALConfig, data: ALDataset | None, model_factory: ModelFact
 def _start_trial(run: _Run, name: str, strategy: Strategy, trial: int) -> TrialState:
     """(``name``, ``trial``)'s state: from its checkpoint on a resume that has one, else fresh."""
     model, lossnet = run.initial_models(trial, strategy)
-    path = checkpoint_path(run.config.out, name, trial)
-    checkpoint = on_main_process(lambda: load_trial_state(path)) if run.config.resume else None
+    checkpoint = on_main_process(lambda: load_trial_state(run.config.out, name, trial)) if run.config.resume else None
     if checkpoint is not None:
         return TrialState.from_checkpoint(checkpoint, model, lossnet, run.device)
     return TrialState.fresh(model, lossnet, len(run.data.train), run.config.preset.initial, run.config.seed, trial)

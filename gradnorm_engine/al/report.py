@@ -1,7 +1,7 @@
 """From results.jsonl to figures and a markdown summary.
 
     paths = write_report("runs/demo")   # curves.png, times.png, per_class.png, summary.md
-    print(accuracy_table(read_results("runs/demo"), fmt="text"))
+    print(accuracy_table(read_records("runs/demo"), fmt="text"))
 
 - Learning curves: test accuracy (%) against labeled-set size, the mean over trials as a line
   and mean +- one standard deviation as a band (no band with a single trial).
@@ -19,12 +19,46 @@ from collections import defaultdict
 
 from ..errors import UsageError
 from ..extras import require
-from .run_folder import read_results
+from .run_folder import read_results, results_path
 
 CURVES = "curves.png"
 TIMES = "times.png"
 PER_CLASS = "per_class.png"
 SUMMARY = "summary.md"
+
+
+# What the report reads of every record, and its JSON type.
+RECORD_FIELDS = {"strategy": "a string", "trial": "an integer", "cycle": "an integer", "labeled": "an integer",
+                 "per_class_acc": "a list", "train_s": "a number", "query_s": "a number"}
+_IS = {"a string": lambda v: isinstance(v, str), "a list": lambda v: isinstance(v, list),
+       "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+       "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def read_records(run_dir: str) -> list[dict]:
+    """The records of ``run_dir``'s results.jsonl, each with the fields the report reads
+    (RECORD_FIELDS; test_acc may be null) and each (strategy, trial, cycle) once. UsageError, one
+    line naming the record and what is wrong, otherwise: nothing is reported half or twice."""
+    records = read_results(run_dir)
+    path = results_path(run_dir)
+    fix = ("`gradnorm-engine al --resume` with the run's options rewrites results.jsonl from its checkpoints, "
+           "or mend the file by hand")
+    seen: dict[tuple, int] = {}
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise UsageError(f"record {number} of {path} is not a JSON object; {fix}")
+        missing = [k for k in RECORD_FIELDS if k not in record]
+        if missing:
+            raise UsageError(f"record {number} of {path} lacks {', '.join(missing)}, which the report needs; {fix}")
+        for key, kind in RECORD_FIELDS.items():
+            if not _IS[kind](record[key]):
+                raise UsageError(f"record {number} of {path} holds {key} = {record[key]!r}, not {kind}; {fix}")
+        key = (record["strategy"], record["trial"], record["cycle"])
+        if key in seen:
+            raise UsageError(f"{path} holds {key[0]} trial {key[1]} cycle {key[2]} twice (records {seen[key]} and "
+                             f"{number}): records of two runs mixed in one file; {fix}")
+        seen[key] = number
+    return records
 
 
 def _strategy_order(records: list[dict]) -> list[str]:
@@ -176,7 +210,7 @@ def plot_per_class(records: list[dict], path: str) -> str:
 
 def write_report(run_dir: str, dest: str | None = None) -> dict[str, str]:
     """Figures and summary.md for the run in ``run_dir`` (written to ``dest``, default ``run_dir``)."""
-    records = read_results(run_dir)
+    records = read_records(run_dir)
     if not records:
         raise UsageError(f"{run_dir} has no records yet; let `gradnorm-engine al` finish a cycle first")
     dest = dest or (run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir) or ".")

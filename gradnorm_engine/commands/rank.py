@@ -13,11 +13,8 @@ import csv
 import importlib
 import inspect
 import os
-import pickle
-import struct
 import sys
-import tarfile
-import zipfile
+from collections.abc import Mapping
 
 import torch
 from torch.utils.data import Dataset
@@ -27,10 +24,11 @@ from ..api import rank_unlabeled
 from ..backends import backend_names
 from ..devices import resolve_device
 from ..distributed import DistributedScoringError, broadcast_module, init_from_torchrun, is_main_process
-from ..errors import SampleShapeError, UsageError
+from ..errors import NonFiniteScoreError, SampleShapeError, SingleLogitError, UsageError
 from ..extras import require
 from ..reduction import NORMS
 from ..scores import SCORES
+from ..torch_files import load_torch_file
 
 HELP = "rank an image folder or zip by per-sample gradient norm and write the top k to a CSV"
 
@@ -119,47 +117,48 @@ def call_factory(factory, spec: str, num_classes: int):
     return factory(**kwargs)
 
 
+CHECKPOINT_FIX = "save it with torch.save(model.state_dict(), path)"
+
+
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist or is not a file")
-    try:
-        known_format = is_torch_save_file(path)
-    except OSError as err:
-        raise UsageError(f"cannot read checkpoint {path} ({err.strerror or err}); check the path and its "
-                         "permissions") from None
-    if not known_format:
-        raise UsageError(f"cannot read checkpoint {path} as a state_dict (not a torch.save file); save it "
-                         "with torch.save(model.state_dict(), path)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refuses Python objects, e.g. torch.save(model)
-        raise UsageError(f"cannot read checkpoint {path} as a state_dict (it holds Python objects, not only "
-                         "tensors: a whole pickled model?); save it with torch.save(model.state_dict(), path)"
-                         ) from None
-    except (RuntimeError, EOFError, struct.error, OSError) as err:  # a truncated or damaged file
-        raise UsageError(f"cannot read checkpoint {path} as a state_dict (a damaged torch.save file: "
-                         f"{type(err).__name__}); save it with torch.save(model.state_dict(), path)") from None
-    if isinstance(state, dict):
+    """Load the state_dict in ``path`` (or the one it holds under model / state_dict) into ``model``;
+    UsageError, one line naming the file, when it cannot be read or does not fit."""
+    state = load_torch_file(path, what="checkpoint", fix=CHECKPOINT_FIX, weights_only=True)
+    if isinstance(state, Mapping):
         for key in ("model", "state_dict", "model_state_dict"):
-            if isinstance(state.get(key), dict):
+            if isinstance(state.get(key), Mapping):
                 state = state[key]
                 break
+    if not isinstance(state, Mapping):
+        raise UsageError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict (a dict of parameter "
+                         f"names to tensors); {CHECKPOINT_FIX}")
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as err:
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = " ".join(lines[1:3] or lines[:1])
         raise UsageError(f"checkpoint {path} does not fit the model: {detail}") from None
 
 
-def is_torch_save_file(path: str) -> bool:
-    """What torch.save writes: a zip archive, or (legacy formats) a pickle or a tar archive.
+MODEL_FAULTS = (SingleLogitError, NonFiniteScoreError)
 
-    Checked first because the weights-only unpickler fails on arbitrary bytes with arbitrary errors.
-    """
-    with open(path, "rb") as f:
-        if f.read(1) == b"\x80":  # a pickle (protocol 2 or newer)
-            return True
-    return zipfile.is_zipfile(path) or tarfile.is_tarfile(path)
+
+def unrankable_outputs(err: Exception, files: list[str] | None) -> UsageError:
+    """The engine's refusal of the model's outputs, as advice in the command's terms (the library's
+    own names ``logits_fn=`` and ``score=``, which the command does not take)."""
+    if isinstance(err, SingleLogitError):
+        return UsageError("the model gives a single logit per image: a softmax over one class is constant, so every "
+                          "score would be 0; rank a classifier with one logit per class (--num-classes 2 or more), "
+                          "or, for a binary classifier with one logit z, a module:factory whose model returns "
+                          "torch.cat([torch.zeros_like(z), z], dim=1)")
+    positions = list(getattr(err, "positions", ()))
+    shown = ""
+    if files is not None and positions:
+        shown = ": " + ", ".join(files[p] for p in positions[:5]) + (" ..." if len(positions) > 5 else "")
+    count = f"{len(positions)} image(s)" if positions else "some images"
+    return UsageError(f"{count} got a NaN or infinite score (NaN or Inf in the model's logits){shown}; check the "
+                      "weights given with --checkpoint (a diverged training run?) and that --normalize is the "
+                      "normalisation the model was trained with")
 
 
 class DataError(UsageError):
@@ -271,11 +270,15 @@ def run(args: argparse.Namespace) -> int:
     except SampleShapeError as err:   # sizes that differ between batches (collate_images: within one)
         raise UsageError(f"the images have different sizes ({err}); pass --image-size N to resize every "
                          "image to N x N") from None
+    except (SingleLogitError, NonFiniteScoreError) as err:   # the model's outputs cannot be ranked
+        raise unrankable_outputs(err, [name for name, _ in dataset.samples]) from None
     except DistributedScoringError as err:   # under torchrun: a rank's data error, reported to all
-        # a failure that is the data's fault, on every rank that failed: one line, exit 2
+        # a failure that is the data's or the model's fault, on every rank that failed: one line, exit 2
         if err.failures and len(err.errors) == len(err.failures) and \
-                all(isinstance(e, (UsageError, SampleShapeError)) for e in err.errors.values()):
+                all(isinstance(e, (UsageError, SampleShapeError, *MODEL_FAULTS)) for e in err.errors.values()):
             rank, message = next(iter(err.failures.items()))
+            if isinstance(err.errors[rank], MODEL_FAULTS):   # its positions count within the rank's block
+                message = str(unrankable_outputs(err.errors[rank], None))
             raise UsageError(f"rank {rank}: {message}") from None
         raise
     if not is_main_process():

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..al.report import accuracy_table, write_report
-from ..al.run_folder import read_results
+from ..al.report import accuracy_table, read_records, write_report
 
 HELP = "learning curves, accuracy table, timings and per-class accuracy from an al run folder"
 
@@ -20,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     paths = write_report(args.run_dir, args.dest)
-    print(accuracy_table(read_results(args.run_dir), fmt="text"))
+    print(accuracy_table(read_records(args.run_dir), fmt="text"))
     print()
     for kind, path in paths.items():
         print(f"{kind:>9}: {path}")

@@ -165,3 +165,36 @@ def test_a_download_from_a_silent_server_gives_up_with_one_line(tmp_path, monkey
     finally:
         server.close()
     assert time.monotonic() - start < 30
+
+
+def test_the_padding_of_an_augmented_image_is_black_before_it_is_normalised():
+    """Augmenting pads with black (0) and normalising follows: the border is (0 - mean) / std."""
+    mean, std = torch.tensor([0.2, 0.5, 0.7]), torch.tensor([0.1, 0.2, 0.3])
+    images = torch.full((16, 3, 6, 6), 200, dtype=torch.uint8)
+    split = ImageTensors(images, torch.zeros(16, dtype=torch.int64), mean, std, pad=2, flip=False)
+    x, _ = split.batch(torch.arange(16), "cpu", augment=True, generator=torch.Generator().manual_seed(0))
+    black = (-mean / std).view(1, 3, 1, 1).expand_as(x)
+    image = ((200 / 255 - mean) / std).view(1, 3, 1, 1).expand_as(x)
+    is_black, is_image = torch.isclose(x, black), torch.isclose(x, image)
+    assert bool((is_black | is_image).all())
+    assert int(is_black[:, 0].sum()) > 16   # some samples were shifted: their border rows / columns
+
+
+def test_the_statistics_are_per_channel(tmp_path):
+    """A folder whose red, green and blue channels have different spreads: each channel is
+    normalised by its own mean and std (every other statistics test has one channel)."""
+    rng = np.random.default_rng(0)
+    spreads = [(120, 136), (0, 255), (60, 100)]
+    for c in ("cat", "dog"):
+        (tmp_path / "pool" / c).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.stack([rng.integers(lo, hi, (8, 8)) for lo, hi in spreads], axis=-1).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "pool" / c / f"{i}.png")
+    data = load_dataset("folder", path=str(tmp_path / "pool"), image_size=8)
+    x = data.train.images.float() / 255
+    torch.testing.assert_close(data.train.mean, x.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(data.train.std, x.std(dim=(0, 2, 3)))
+    assert data.train.std[1] > 4 * data.train.std[0]
+    full, _ = data.train.batch(torch.arange(len(data.train)), "cpu")
+    torch.testing.assert_close(full.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-5, rtol=0)

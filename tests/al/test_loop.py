@@ -212,8 +212,8 @@ def test_bad_protocols_are_usage_errors(tmp_path, digits, change, message):
 
 
 def test_unknown_strategy_is_a_usage_error(tmp_path, digits):
-    with pytest.raises(UsageError, match="unknown strategy 'badge'"):
-        run_active_learning(_config(tmp_path, ["random", "badge"]), data=digits, log=None)
+    with pytest.raises(UsageError, match="unknown strategy 'bald'"):
+        run_active_learning(_config(tmp_path, ["random", "bald"]), data=digits, log=None)
 
 
 # ---- bookkeeping invariants, as properties ------------------------------------------------
@@ -386,3 +386,20 @@ def test_weights_broken_by_the_last_step_of_a_cycle_stop_the_run(tmp_path, digit
     one_batch = Preset(**{**TINY.__dict__, "batch_size": 32})   # 20 samples: one step per epoch
     with pytest.raises(TrainingDivergedError, match="weights hold NaN or Inf after epoch 1"):
         run_active_learning(_config(tmp_path, ["entropy"], one_batch), data=digits, log=None)
+
+
+def test_a_seed_selects_a_fixed_labeled_set_and_leaves_the_rest_sorted(tmp_path, digits):
+    """Which samples a seed labels first is pinned (a change would silently alter every recorded
+    run), and U is the sorted rest (the subsets a seed draws from U depend on its order)."""
+    from gradnorm_engine.al.loop import TrialState
+
+    labeled, unlabeled = initial_split(12, 4, torch.Generator().manual_seed(0))
+    assert labeled.tolist() == [8, 0, 5, 9]
+    assert unlabeled.tolist() == [1, 2, 3, 4, 6, 7, 10, 11]
+    state = TrialState.fresh(None, None, len(digits.train), 20, seed=0, trial=1)
+    first = [1284, 1046, 720, 1276, 244, 1123, 450, 1063, 1170, 1313, 91, 614, 191, 1111, 511, 413, 1305, 949, 998, 405]
+    assert state.labeled.tolist() == first
+    assert state.unlabeled.tolist() == sorted(set(range(len(digits.train))) - set(first))
+    records = run_active_learning(_config(tmp_path, ["random"], Preset(**{**TINY.__dict__, "cycles": 1})),
+                                  data=digits, log=None)
+    assert records[0]["initial_indices"] == first

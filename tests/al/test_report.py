@@ -69,3 +69,50 @@ def test_missing_accuracies_are_left_out_and_a_file_dest_is_refused(tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(UsageError, match="is a file"):
         write_report(str(run), str(tmp_path / "afile"))
+
+
+def _write(run, records):
+    run.mkdir(exist_ok=True)
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_a_record_written_twice_is_refused(tmp_path, capsys):
+    from gradnorm_engine.cli import main
+    from gradnorm_engine.errors import UsageError
+
+    rows = _records()
+    rows.append({**rows[2], "test_acc": 99.0})   # lplgrad trial 1 cycle 2 again: another run's record
+    _write(tmp_path / "run", rows)
+    with pytest.raises(UsageError, match="lplgrad trial 1 cycle 2 twice.*--resume") as err:
+        write_report(str(tmp_path / "run"))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "summary.md").exists()
+    assert main(["report", str(tmp_path / "run")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"train_s": None}, "train_s"), ({"query_s": None}, "query_s"), ({"labeled": None}, "labeled"),
+    ({"strategy": None}, "strategy"), ({"trial": None, "cycle": None}, "trial, cycle"),
+    ({"per_class_acc": None}, "per_class_acc"), ({"train_s": "slow"}, "train_s"), ({"labeled": 1.5}, "labeled"),
+])
+def test_a_record_missing_a_field_is_named_in_one_line(tmp_path, capsys, change, named):
+    from gradnorm_engine.cli import main
+    from gradnorm_engine.errors import UsageError
+
+    rows = _records()
+    rows[3] = {k: v for k, v in {**rows[3], **change}.items() if v is not None}
+    _write(tmp_path / "run", rows)
+    with pytest.raises(UsageError, match=f"record 4 .*{named}") as err:
+        write_report(str(tmp_path / "run"))
+    assert "\n" not in str(err.value)
+    assert main(["report", str(tmp_path / "run")]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_a_line_that_is_not_an_object_is_named(tmp_path):
+    from gradnorm_engine.errors import UsageError
+
+    _write(tmp_path / "run", [*_records()[:2], [1, 2]])
+    with pytest.raises(UsageError, match="record 3 .*not a JSON object"):
+        write_report(str(tmp_path / "run"))

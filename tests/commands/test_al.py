@@ -32,7 +32,7 @@ def test_al_then_report(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--strategies", "lplgrad,badge"], "unknown strategy 'badge'"),
+    (["--strategies", "lplgrad,bald"], "unknown strategy 'bald'"),
     (["--budget", "40"], "larger than --subset"),
     (["--subset", "1430"], "larger than the unlabeled pool"),
     (["--dataset", "caltech101", "--data", "/nonexistent/caltech"], "does not exist"),

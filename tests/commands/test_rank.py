@@ -209,3 +209,83 @@ def test_rank_finds_a_factory_of_the_working_folder_and_warns_without_checkpoint
     assert main(["rank", "mynets_for_rank_test:make", "--data", str(folder), "--k", "2", "--normalize", "none",
                  "--no-progress", "--out", str(tmp_path / "p.csv")]) == 0
     assert "no --checkpoint given" in capsys.readouterr().err
+
+
+class NanLogits(torch.nn.Module):
+    def __init__(self, num_classes=2):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(2, 3))) * float("nan")
+
+
+def nan_logits(num_classes=2):
+    return NanLogits(num_classes)
+
+
+@pytest.mark.parametrize("model, extra, named, advice", [
+    ("nan_logits", [], "NaN", "--checkpoint"),
+    ("tiny_model", ["--num-classes", "1"], "single logit", "--num-classes"),
+])
+def test_rank_refuses_a_model_it_cannot_score_in_one_line(tmp_path, capsys, model, extra, named, advice):
+    folder = make_folder(tmp_path / "pool")
+    assert main(["rank", f"tests.commands.test_rank:{model}", "--data", str(folder), "--k", "2", "--no-progress",
+                 "--out", str(tmp_path / "p.csv"), *extra]) == 2
+    err = _one_line_error(capsys)
+    assert named in err and advice in err
+    assert "logits_fn" not in err and "score=" not in err   # the library's options, not the command's
+    assert not (tmp_path / "p.csv").exists()
+
+
+def _damaged_checkpoint(path, damage):
+    import io
+    import zipfile
+
+    state = tiny_model().state_dict()
+    if damage == "a list":
+        torch.save([state], path)
+        return
+    if damage == "legacy format, truncated":
+        buf = io.BytesIO()
+        torch.save(state, buf, _use_new_zipfile_serialization=False)
+        path.write_bytes(buf.getvalue()[:300])
+        return
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    source, out = zipfile.ZipFile(buf), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:   # the archive intact, its pickle damaged
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = b"\x80\x02junkjunkjunk" if damage == "pickle replaced" else data.replace(b"weight", b"w\xffight")
+            z.writestr(info.filename, data)
+    path.write_bytes(out.getvalue())
+
+
+@pytest.mark.parametrize("damage", ["a list", "legacy format, truncated", "pickle replaced", "bad utf-8 in the pickle"])
+def test_rank_names_a_damaged_checkpoint_in_one_line(tmp_path, capsys, no_scoring, damage):
+    folder = make_folder(tmp_path / "pool")
+    ckpt = tmp_path / "model.pt"
+    _damaged_checkpoint(ckpt, damage)
+    assert _rank(folder, "--checkpoint", str(ckpt), "--out", str(tmp_path / "p.csv")) == 2
+    err = _one_line_error(capsys)
+    assert str(ckpt) in err and "torch.save(model.state_dict(), path)" in err
+    assert not err.rstrip().endswith(":")
+
+
+def test_the_engines_refusals_of_a_model_travel_between_ranks_whole():
+    """Under torchrun a rank's error reaches the others pickled; rank names files by its positions."""
+    import pickle
+
+    from gradnorm_engine.commands.rank import unrankable_outputs
+    from gradnorm_engine.distributed.exchange import picklable
+    from gradnorm_engine.errors import NonFiniteScoreError, SingleLogitError
+
+    err = NonFiniteScoreError("2 sample(s) got a non-finite score", [3, 5])
+    back = pickle.loads(pickle.dumps(err))
+    assert picklable(err) is err and type(back) is NonFiniteScoreError
+    assert (str(back), back.positions) == (str(err), (3, 5))
+    message = str(unrankable_outputs(back, [f"img{i}.png" for i in range(6)]))
+    assert "2 image(s)" in message and "img3.png, img5.png" in message
+    assert "--num-classes" in str(unrankable_outputs(pickle.loads(pickle.dumps(SingleLogitError("one"))), None))
