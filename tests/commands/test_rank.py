@@ -278,7 +278,7 @@ def test_the_engines_refusals_of_a_model_travel_between_ranks_whole():
     """Under torchrun a rank's error reaches the others pickled; rank names files by its positions."""
     import pickle
 
-    from gradnorm_engine.commands.rank import unrankable_outputs
+    from gradnorm_engine.commands.image_pool import unrankable_outputs
     from gradnorm_engine.distributed.exchange import picklable
     from gradnorm_engine.errors import NonFiniteScoreError, SingleLogitError
 
