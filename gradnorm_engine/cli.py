@@ -17,6 +17,7 @@ from .extras import MissingExtraError
 COMMANDS = {
     "demo": "demo",
     "rank": "rank",
+    "score": "score",
     "al": "al",
     "report": "report",
     "bench": "bench",
