@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backends import Backend, resolve_backend
+from .backends.limits import autograd_limit
 from .errors import SampleShapeError
 from .inputs import IgnoredInputWarning, InputReader, ModelInputs
 from .job import ScoringJob, eval_mode, on_device
@@ -115,6 +116,9 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
         try:
             sq = engine.sqnorms(x)
         except Exception as err:
+            known = autograd_limit(err)   # what no backend can differentiate, in one line with the fix
+            if known is not None:
+                raise known from err
             if not is_out_of_memory(err) or len(x) == 1:
                 raise
             # Out of memory: halve the chunk for the rest of the pool and redo this one.
