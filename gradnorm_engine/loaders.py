@@ -7,15 +7,39 @@ torch's random samplers (alone or inside a batch sampler), ``drop_last``, and
 ``DistributedSampler`` (which shuffles by default and pads its shards with repeated samples; the
 engine shards the pool itself under torchrun). A sampler given as a fixed list of indices is
 fine: the positions then count along that list.
+
+A torch ``Dataset`` given as the pool is read in order through a DataLoader the engine makes
+(``as_pool``).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, RandomSampler, SubsetRandomSampler,
-                              WeightedRandomSampler)
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
+                              SubsetRandomSampler, WeightedRandomSampler)
 
 RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+# The batch size of the DataLoader made for a Dataset given as the pool (scores do not depend on it).
+DATASET_BATCH_SIZE = 64
+
+
+def as_pool(pool) -> Iterable:
+    """What the engine iterates for ``pool``: a torch Dataset becomes a DataLoader reading it in
+    order (batches of ``DATASET_BATCH_SIZE``, one pass); a DataLoader or any other iterable of
+    batches is itself. Raises TypeError for what cannot be a pool."""
+    if isinstance(pool, Dataset) and (isinstance(pool, IterableDataset) or not hasattr(type(pool), "__iter__")):
+        if not isinstance(pool, IterableDataset):
+            try:
+                len(pool)  # type: ignore[arg-type]
+            except TypeError:
+                raise TypeError(f"the pool is a {type(pool).__name__} (a map-style Dataset) without __len__, so the "
+                                "engine cannot read it in order; give it __len__, or pass a DataLoader over it "
+                                "with a fixed sampler") from None
+        return DataLoader(pool, batch_size=DATASET_BATCH_SIZE)
+    if not isinstance(pool, Iterable):
+        raise TypeError(f"the pool must be a DataLoader, a Dataset or an iterable of batches, got "
+                        f"{type(pool).__name__}")
+    return pool
 
 
 def check_pool_loader(loader: Iterable) -> None:

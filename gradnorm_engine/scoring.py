@@ -26,7 +26,7 @@ from .backends.limits import autograd_limit
 from .errors import SampleShapeError
 from .inputs import IgnoredInputWarning, InputReader, ModelInputs
 from .job import ScoringJob, eval_mode, on_device
-from .loaders import batch_size_hint, check_pool_loader, pool_length
+from .loaders import as_pool, batch_size_hint, check_pool_loader, pool_length
 from .memory import is_out_of_memory
 from .options import ScoringOptions
 from .reduction import reduce_sqnorms
@@ -34,6 +34,7 @@ from .reduction import reduce_sqnorms
 
 def score_here(model: nn.Module, loader: Iterable, options: ScoringOptions) -> tuple[torch.Tensor, str]:
     """Every sample's score on this process, after checking the loader and the job.  -> ([N], backend)"""
+    loader = as_pool(loader)
     check_pool_loader(loader)
     return score_stream(options.make_job(model), loader, options, progress=options.progress)
 

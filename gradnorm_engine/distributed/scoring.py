@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..loaders import check_pool_loader, items_are_batches
+from ..loaders import as_pool, check_pool_loader, items_are_batches
 from ..options import ScoringOptions
 from ..ranking import RankResult, check_k, check_k_fits
 from ..scoring import score_stream
@@ -56,6 +56,7 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None
             k = check_k(k)
         checked = ScoringOptions.from_kwargs(options)
         job = checked.make_job(model)
+        loader = as_pool(loader)   # a Dataset: the same DataLoader on every rank
         check_pool_loader(loader)  # on the user's loader: the block loader hides shuffle/drop_last
         check_shardable(loader)
         order = loader_order(loader)

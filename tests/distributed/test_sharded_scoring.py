@@ -225,6 +225,8 @@ def run_checks(outdir: str) -> dict:
         "rank_reordered": lambda: rank_tuple(rank_unlabeled(model, reordered_loader(), 7, progress=False)),
         "score_batch_sampler": lambda: score_pool(model, batch_sampler_loader(), progress=False),
         "score_prebatched": lambda: score_pool(model, prebatched_loader(), progress=False),
+        # a Dataset given as the pool: read in order in the engine's batches, sharded like a DataLoader
+        "dataset_pool": lambda: score_pool(model, pool_loader().dataset, progress=False),
         "score_reads": lambda: (score_pool(model, DataLoader(recording, batch_size=4), progress=False),
                                 sorted(recording.read)),
         "opt_out": lambda: (score_pool(model, DataLoader(recording, batch_size=4), progress=False,
@@ -342,6 +344,7 @@ def reference() -> dict:
         "rank_reordered": rank_tuple(rank_unlabeled(model, reordered_loader(), 7, progress=False)),
         "score_batch_sampler": score_pool(model, batch_sampler_loader(), progress=False),
         "score_prebatched": score_pool(model, prebatched_loader(), progress=False),
+        "dataset_pool": score_pool(model, pool_loader(), progress=False),
         "aligned_chunks": score_pool(model, pool_loader(), chunk_size=5, progress=False),
         "multi_input": score_pool(token_model(), token_loader(), chunk_size=2, progress=False),
         "tiny_pool": (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), chunk_size=1, progress=False),
@@ -382,7 +385,7 @@ def assert_same(got, want, what: str) -> None:
 
 @pytest.mark.parametrize("check", ["score_pool", "score_pool_tensor_sum", "rank_k", "rank_all", "rank_1",
                                    "rank_reordered", "score_batch_sampler", "score_prebatched", "tiny_pool",
-                                   "aligned_chunks"])
+                                   "aligned_chunks", "dataset_pool"])
 def test_every_rank_returns_the_single_process_answer(ranks, reference, check):
     for r, results in enumerate(ranks):
         assert_same(results[check], reference[check], f"rank {r} of {len(ranks)}, {check}")
