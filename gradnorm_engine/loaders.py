@@ -9,10 +9,12 @@ engine shards the pool itself under torchrun). A sampler given as a fixed list o
 fine: the positions then count along that list.
 
 A torch ``Dataset`` given as the pool is read in order through a DataLoader the engine makes
-(``as_pool``).
+(``as_pool``). An ``IterableDataset`` read by several workers yields its whole stream from every
+worker unless it splits the stream itself, so it is refused unless it shows that it does.
 """
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 
 from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
@@ -65,6 +67,39 @@ def check_pool_loader(loader: Iterable) -> None:
                 f"the loader's sampler ({type(sampler).__name__}) draws a random order, so pool positions "
                 "would not map back to dataset indices; to score a subset, pass its indices in a fixed "
                 "order: DataLoader(dataset, sampler=indices) or DataLoader(Subset(dataset, indices))")
+    _check_workers(loader)
+
+
+def _check_workers(loader: Iterable) -> None:
+    """An IterableDataset read by several workers: every worker runs the dataset's whole __iter__,
+    so unless the dataset splits its stream (get_worker_info(), or a worker_init_fn that does)
+    every sample comes once per worker."""
+    if not (isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset)):
+        return
+    workers = loader.num_workers
+    if workers <= 1 or loader.worker_init_fn is not None or _splits_by_worker(loader.dataset):
+        return
+    raise ValueError(
+        f"the loader reads an IterableDataset ({type(loader.dataset).__name__}) with num_workers={workers}, and "
+        f"every worker yields the whole stream unless the dataset splits it, so every sample would be scored "
+        f"{workers} times; split the stream per worker (torch.utils.data.get_worker_info() in __iter__, or a "
+        "worker_init_fn that does), or use num_workers=0")
+
+
+def _splits_by_worker(dataset: IterableDataset) -> bool:
+    """Whether the dataset's own class (not torch's) calls get_worker_info anywhere."""
+    def mentions(code: types.CodeType) -> bool:
+        return "get_worker_info" in code.co_names or any(
+            mentions(c) for c in code.co_consts if isinstance(c, types.CodeType))
+
+    for cls in type(dataset).__mro__:
+        if cls.__module__.startswith("torch.utils.data"):
+            continue
+        for value in vars(cls).values():
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if isinstance(code, types.CodeType) and mentions(code):
+                return True
+    return False
 
 
 def items_are_batches(loader: Iterable) -> bool:

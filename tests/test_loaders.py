@@ -2,7 +2,7 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, get_worker_info
 
 from gradnorm_engine import rank_unlabeled, score_pool
 
@@ -40,3 +40,48 @@ def test_what_cannot_be_a_pool_is_named():
         score_pool(make_model(), NoLength(), progress=False)
     with pytest.raises(TypeError, match="pool must be a DataLoader, a Dataset or an iterable of batches, got int"):
         score_pool(make_model(), 3, progress=False)
+
+
+# --- an IterableDataset read by several workers ----------------------------------------------
+
+STREAM = 40
+
+
+class Stream(IterableDataset):
+    """Yields the whole stream from every worker: read by 2 workers, every sample comes twice."""
+
+    def __init__(self):
+        self.start, self.stop = 0, STREAM
+
+    def __iter__(self):
+        return iter(make_images(STREAM)[self.start:self.stop])
+
+
+class SplitStream(IterableDataset):
+    """Splits the stream between the workers itself (torch's documented pattern)."""
+
+    def __iter__(self):
+        info = get_worker_info()
+        x = make_images(STREAM)
+        return iter(x if info is None else x[info.id::info.num_workers])
+
+
+def split_by_worker(_worker_id):
+    info = get_worker_info()
+    per = STREAM // info.num_workers
+    info.dataset.start, info.dataset.stop = info.id * per, (info.id + 1) * per
+
+
+def test_an_iterable_dataset_read_by_several_workers_is_refused_unless_it_is_split():
+    """num_workers=2 over an IterableDataset gave 80 scores for 40 samples, silently."""
+    model = make_model()
+    with pytest.raises(ValueError, match=r"num_workers=2.*scored 2 times.*get_worker_info.*num_workers=0"):
+        score_pool(model, DataLoader(Stream(), batch_size=8, num_workers=2), progress=False)
+    single = score_pool(model, DataLoader(Stream(), batch_size=8), progress=False)
+    assert single.numel() == STREAM
+    for loader in (DataLoader(SplitStream(), batch_size=5, num_workers=2),
+                   DataLoader(Stream(), batch_size=5, num_workers=2, worker_init_fn=split_by_worker)):
+        order = torch.cat(list(loader))   # what the loader yields, in its order
+        got = score_pool(model, loader, progress=False)
+        assert got.numel() == STREAM
+        assert torch.equal(got, score_pool(model, [order], progress=False))
