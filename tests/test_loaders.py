@@ -1,10 +1,14 @@
 """loaders.py: what the engine accepts as a pool, what it refuses, what it warns about."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, get_worker_info
+from torch.utils.data import (ConcatDataset, DataLoader, Dataset, IterableDataset, Subset, TensorDataset,
+                              get_worker_info)
 
 from gradnorm_engine import rank_unlabeled, score_pool
+from gradnorm_engine.loaders import RandomTransformWarning
 
 
 def make_model() -> nn.Module:
@@ -85,3 +89,104 @@ def test_an_iterable_dataset_read_by_several_workers_is_refused_unless_it_is_spl
         got = score_pool(model, loader, progress=False)
         assert got.numel() == STREAM
         assert torch.equal(got, score_pool(model, [order], progress=False))
+
+
+# --- random transforms in the pool's dataset ---------------------------------------------------
+
+class RandomCrop:            # named like torchvision's: detected by class name, torchvision is not imported
+    def __call__(self, x):
+        return x
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, x):
+        return x
+
+
+class Normalize:
+    def __call__(self, x):
+        return x
+
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, x):
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+
+class StandardTransform:
+    def __init__(self, transform):
+        self.transform, self.target_transform = transform, None
+
+
+class Images(Dataset):
+    def __init__(self, transform=None, transforms=None, n=10):
+        self.x, self.transform, self.transforms = make_images(n), transform, transforms
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] if self.transform is None else self.transform(self.x[i])
+
+
+def _warnings_of(dataset):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score_pool(make_model(), DataLoader(dataset, batch_size=4), progress=False)
+    return [w for w in caught if issubclass(w.category, RandomTransformWarning)]
+
+
+@pytest.mark.parametrize("where", ["transform", "transforms", "subset", "concat", "pool_is_dataset"])
+def test_random_transforms_in_the_pool_warn_once_with_the_fix(where):
+    """DeepAL+ scores its pool with its training transform (RandomCrop + flip): scores that change
+    on every pass, and nothing said so."""
+    train = Compose([RandomCrop(), RandomHorizontalFlip(), Normalize()])
+    dataset = {"transform": Images(transform=train),
+               "transforms": Images(transforms=StandardTransform(train)),
+               "subset": Subset(Images(transform=train), [0, 2, 4]),
+               "concat": ConcatDataset([Images(), Subset(Images(transform=train), [1])]),
+               "pool_is_dataset": Images(transform=train)}[where]
+    if where == "pool_is_dataset":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            score_pool(make_model(), dataset, progress=False)
+        found = [w for w in caught if issubclass(w.category, RandomTransformWarning)]
+    else:
+        found = _warnings_of(dataset)
+    assert len(found) == 1, [str(w.message) for w in found]
+    message = str(found[0].message)
+    assert "RandomCrop, RandomHorizontalFlip" in message and "deterministic" in message and "\n" not in message
+    assert found[0].filename == __file__   # attributed to the caller's line, not the engine's
+
+
+def test_deterministic_transforms_do_not_warn():
+    assert _warnings_of(Images(transform=Compose([Normalize(), RandomHorizontalFlip(p=0.0)]))) == []
+    assert _warnings_of(Images()) == []
+
+
+def test_torchvision_training_transforms_are_recognised():
+    transforms = pytest.importorskip("torchvision.transforms")
+    v2 = pytest.importorskip("torchvision.transforms.v2")
+
+    class Tensors(Dataset):
+        def __init__(self, transform):
+            self.x, self.transform = make_images(6), transform
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.transform(self.x[i])
+
+    for train in (transforms.Compose([transforms.RandomCrop(6, padding=1), transforms.RandomHorizontalFlip()]),
+                  v2.Compose([v2.RandomResizedCrop(6, antialias=True), v2.ColorJitter(0.1)])):
+        assert len(_warnings_of(Tensors(train))) == 1
+    assert _warnings_of(Tensors(transforms.Compose([transforms.Normalize((0.5,), (0.25,))]))) == []
