@@ -21,6 +21,7 @@ from ..ranking import RankResult, check_k, check_k_fits
 from ..scoring import score_stream
 from .exchange import (DistributedScoringError, RankStatus, ScoredBlock, agree_before_scoring, control_group,
                        exchange_status, gather_scores, gather_top_k, picklable)
+from .fingerprint import content_digest
 from .sharding import check_shardable, loader_order, order_digest, shard_loader
 
 
@@ -63,7 +64,8 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None
         align = 1 if items_are_batches(loader) else int(checked.chunk_size or 1)
         block, start, stop = shard_loader(loader, rank, world, order, align=align)
         shared = {"k": k, **checked.digest()}
-        agreement = f"{order_digest(loader, order)}; " + ", ".join(f"{n}={v}" for n, v in shared.items())
+        agreement = (f"{order_digest(loader, order)}, {content_digest(loader.dataset)}; "
+                     + ", ".join(f"{n}={v}" for n, v in shared.items()))
     except Exception as err:  # noqa: BLE001 - raised below, after every rank has heard of it
         refused = err
     agree_before_scoring(agreement, refused, group)
