@@ -273,6 +273,8 @@ def run_checks(outdir: str) -> dict:
         # the same files mounted at another place on every node: the same pool
         "roots_differ": lambda: score_pool(model, file_list_loader(f"/mnt/node{dist.get_rank()}/pool",
                                                                    list(range(N))), progress=False),
+        "norm_differs": lambda: score_pool(model, pool_loader(), norm="tensor_sum" if dist.get_rank() else "frobenius",
+                                           progress=False),
         "broadcast": broadcast_from_rank0,
         "main_process": is_main_process,
         "al_loop": lambda: al_under_torchrun(outdir),
@@ -541,11 +543,18 @@ def test_the_group_still_works_after_a_failure(ranks, reference):
     ("orders_differ", "ValueError", "the ranks read different pools"),
     ("contents_differ", "ValueError", "the ranks read different pools"),
     ("listing_differs", "ValueError", "the ranks read different pools"),
+    ("norm_differs", "ValueError", "call with different options"),
 ])
 def test_user_errors_raise_the_same_on_every_rank(ranks, check, error, words):
     for results in ranks:
         assert results[check][:2] == ("raised", error)
         assert words in results[check][2]
+
+
+def test_ranks_with_different_norms_are_refused_naming_both(ranks):
+    for results in ranks:
+        got = results["norm_differs"]
+        assert got[:2] == ("raised", "ValueError") and "norm=frobenius" in got[2] and "norm=tensor_sum" in got[2], got
 
 
 def test_a_stalled_rank_times_out_instead_of_hanging(ranks):
