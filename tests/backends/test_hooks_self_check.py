@@ -2,24 +2,10 @@
 only on the first chunk: a later chunk may be the one whose size equals a sequence length."""
 import pytest
 import torch
-from torch import nn
 
 from gradnorm_engine import score_pool
 from gradnorm_engine.backends.hooks import HooksFallbackWarning
-
-
-class SequenceFirst(nn.Module):
-    """Layers see token ids [T, B] and hidden states [T, B, d]: dim 0 is not the sample."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(11, 6)
-        self.mix = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, tokens):                      # tokens [B, T]
-        h = torch.tanh(self.mix(self.embed(tokens.t())))
-        return self.head(h.mean(0))
+from tests.backends.test_hooks import SequenceFirst   # layers see [T, B]: dim 0 is not the sample
 
 
 def test_a_later_chunk_whose_size_is_the_sequence_length_is_checked_and_scored_exactly():
