@@ -53,8 +53,9 @@ def score_pool(
     parameters with requires_grad). ``norm="frobenius"`` is sqrt of the sum of all squares,
     ``norm="tensor_sum"`` the sum over parameter tensors of each tensor's L2 norm.
 
-    Batches: a tensor, a tuple whose first ``num_inputs`` elements are the model's positional
-    inputs, or a mapping whose entries the model's forward takes by name are passed as keyword
+    ``loader``: a DataLoader, any iterable of batches, or a torch Dataset (read in order, in
+    batches of 64). Batches: a tensor, a tuple whose first ``num_inputs`` elements are the model's
+    positional inputs, or a mapping whose entries the model's forward takes by name are passed as keyword
     arguments (``input_keys`` names them, ``exclude_keys`` leaves some out; labels never pass);
     see gradnorm_engine.inputs.
 

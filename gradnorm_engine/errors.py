@@ -1,4 +1,13 @@
-"""Errors the user can fix; the command line prints them as one line and exits 2."""
+"""Errors the user can fix; the command line prints them as one line and exits 2. And warnings,
+attributed to the user's call."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 class UsageError(ValueError):
@@ -23,3 +32,11 @@ class NonFiniteScoreError(ValueError):
 
 class SampleShapeError(ValueError):
     """Samples of one pool have different shapes, so they cannot be scored in one batch."""
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first frame outside gradnorm_engine: the user's call."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

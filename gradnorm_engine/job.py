@@ -146,6 +146,20 @@ def on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
         model.to(home)
 
 
+def check_not_meta(model: nn.Module) -> None:
+    """Raise ValueError for a model whose parameters or buffers have no data (the meta device)."""
+    params = [n for n, t in model.named_parameters() if t.is_meta]
+    empty = params + [n for n, t in model.named_buffers() if t.is_meta]
+    if empty:
+        kinds = "parameters" if len(params) == len(empty) else "parameters and buffers"
+        shown = ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise ValueError(
+            f"the model's {kinds} {shown} are on the meta device (shapes without data: the model was built under "
+            "torch.device('meta') or an empty-weights context), so there is nothing to score; give it its weights "
+            "first: model.to_empty(device='cpu') and then model.load_state_dict(...), or "
+            "model.load_state_dict(state, assign=True)")
+
+
 def make_job(model: nn.Module, *, score, params, logits_fn, device, autocast, max_memory,
              options: dict | None = None) -> ScoringJob:
     if not isinstance(model, nn.Module):
@@ -154,6 +168,7 @@ def make_job(model: nn.Module, *, score, params, logits_fn, device, autocast, ma
     # would sync gradients or scatter inputs, which per-sample scoring never wants.
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
+    check_not_meta(model)
     if autocast not in (None, *AUTOCAST_DTYPES):
         raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")
     if max_memory is not None and not (max_memory > 0 and math.isfinite(max_memory)):

@@ -7,19 +7,55 @@ torch's random samplers (alone or inside a batch sampler), ``drop_last``, and
 ``DistributedSampler`` (which shuffles by default and pads its shards with repeated samples; the
 engine shards the pool itself under torchrun). A sampler given as a fixed list of indices is
 fine: the positions then count along that list.
+
+A torch ``Dataset`` given as the pool is read in order through a DataLoader the engine makes
+(``as_pool``). An ``IterableDataset`` read by several workers yields its whole stream from every
+worker unless it splits the stream itself, so it is refused unless it shows that it does. A pool
+whose dataset applies random transforms (training augmentation) scores other samples on every
+pass: that warns (``RandomTransformWarning``).
 """
 from __future__ import annotations
 
+import types
 from collections.abc import Iterable
 
-from torch.utils.data import (DataLoader, DistributedSampler, IterableDataset, RandomSampler, SubsetRandomSampler,
-                              WeightedRandomSampler)
+from torch import nn
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
+                              SubsetRandomSampler, WeightedRandomSampler)
+
+from .errors import warn_at_caller
 
 RANDOM_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+# The batch size of the DataLoader made for a Dataset given as the pool (scores do not depend on it).
+DATASET_BATCH_SIZE = 64
+
+
+class RandomTransformWarning(UserWarning):
+    """The pool's dataset applies random transforms: its scores change from one pass to the next."""
+
+
+def as_pool(pool) -> Iterable:
+    """What the engine iterates for ``pool``: a torch Dataset becomes a DataLoader reading it in
+    order (batches of ``DATASET_BATCH_SIZE``, one pass); a DataLoader or any other iterable of
+    batches is itself. Raises TypeError for what cannot be a pool."""
+    if isinstance(pool, Dataset) and (isinstance(pool, IterableDataset) or not hasattr(type(pool), "__iter__")):
+        if not isinstance(pool, IterableDataset):
+            try:
+                len(pool)  # type: ignore[arg-type]
+            except TypeError:
+                raise TypeError(f"the pool is a {type(pool).__name__} (a map-style Dataset) without __len__, so the "
+                                "engine cannot read it in order; give it __len__, or pass a DataLoader over it "
+                                "with a fixed sampler") from None
+        return DataLoader(pool, batch_size=DATASET_BATCH_SIZE)
+    if not isinstance(pool, Iterable):
+        raise TypeError(f"the pool must be a DataLoader, a Dataset or an iterable of batches, got "
+                        f"{type(pool).__name__}")
+    return pool
 
 
 def check_pool_loader(loader: Iterable) -> None:
-    """Raise ValueError for a loader whose order is not a fixed pool order of every sample once."""
+    """Raise ValueError for a loader whose order is not a fixed pool order of every sample once;
+    warn (RandomTransformWarning) when its dataset applies random transforms."""
     if getattr(loader, "drop_last", False):
         raise ValueError("the loader drops its last incomplete batch (drop_last=True), so those samples "
                          "would never be scored; build the DataLoader with drop_last=False")
@@ -41,6 +77,95 @@ def check_pool_loader(loader: Iterable) -> None:
                 f"the loader's sampler ({type(sampler).__name__}) draws a random order, so pool positions "
                 "would not map back to dataset indices; to score a subset, pass its indices in a fixed "
                 "order: DataLoader(dataset, sampler=indices) or DataLoader(Subset(dataset, indices))")
+    _check_workers(loader)
+    dataset = getattr(loader, "dataset", None)
+    found = random_transforms(dataset) if dataset is not None else []
+    if found:
+        warn_at_caller(
+            f"the pool's dataset applies random transforms ({', '.join(found)}), so every pass scores differently "
+            "augmented samples and the scores and the ranking change from call to call; score the pool with a "
+            "deterministic (evaluation) transform, e.g. the training pipeline without its random steps",
+            RandomTransformWarning)
+
+
+def _check_workers(loader: Iterable) -> None:
+    """An IterableDataset read by several workers: every worker runs the dataset's whole __iter__,
+    so unless the dataset splits its stream (get_worker_info(), or a worker_init_fn that does)
+    every sample comes once per worker."""
+    if not (isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset)):
+        return
+    workers = loader.num_workers
+    if workers <= 1 or loader.worker_init_fn is not None or _splits_by_worker(loader.dataset):
+        return
+    raise ValueError(
+        f"the loader reads an IterableDataset ({type(loader.dataset).__name__}) with num_workers={workers}, and "
+        f"every worker yields the whole stream unless the dataset splits it, so every sample would be scored "
+        f"{workers} times; split the stream per worker (torch.utils.data.get_worker_info() in __iter__, or a "
+        "worker_init_fn that does), or use num_workers=0")
+
+
+def _splits_by_worker(dataset: IterableDataset) -> bool:
+    """Whether the dataset's own class (not torch's) calls get_worker_info anywhere."""
+    def mentions(code: types.CodeType) -> bool:
+        return "get_worker_info" in code.co_names or any(
+            mentions(c) for c in code.co_consts if isinstance(c, types.CodeType))
+
+    for cls in type(dataset).__mro__:
+        if cls.__module__.startswith("torch.utils.data"):
+            continue
+        for value in vars(cls).values():
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if isinstance(code, types.CodeType) and mentions(code):
+                return True
+    return False
+
+
+# torchvision's random transforms whose name does not start with "Random" (recognised by name and
+# module: the engine does not import torchvision).
+RANDOM_TORCHVISION = {"ColorJitter", "AutoAugment", "RandAugment", "TrivialAugmentWide", "AugMix", "ElasticTransform",
+                      "ScaleJitter"}
+
+
+def random_transforms(dataset) -> list[str]:
+    """Class names of the random transforms a dataset applies, where they can be seen: on
+    ``dataset.transform`` / ``dataset.transforms``, inside Compose chains (``.transforms``) and
+    nn.Sequential, through Subset / ConcatDataset and other wrappers (``.dataset``, ``.datasets``)."""
+    found: list[str] = []
+    seen: set[int] = set()
+
+    def transform(t, depth: int) -> None:
+        if t is None or id(t) in seen or depth > 8 or isinstance(t, (str, bytes, int, float)):
+            return
+        seen.add(id(t))
+        name, module = type(t).__name__, type(t).__module__
+        if (name.startswith("Random") or (name in RANDOM_TORCHVISION and module.startswith("torchvision"))) and \
+                getattr(t, "p", None) != 0 and name not in found:
+            found.append(name)
+        if isinstance(t, (list, tuple)):
+            for part in t:
+                transform(part, depth + 1)
+            return
+        for attr in ("transforms", "transform"):
+            transform(getattr(t, attr, None), depth + 1)
+        if isinstance(t, nn.Module):
+            for child in t.children():
+                transform(child, depth + 1)
+
+    def walk(ds, depth: int) -> None:
+        if ds is None or id(ds) in seen or depth > 8:
+            return
+        seen.add(id(ds))
+        for attr in ("transform", "transforms"):
+            transform(getattr(ds, attr, None), 0)
+        inner = getattr(ds, "dataset", None)
+        if isinstance(inner, Dataset):
+            walk(inner, depth + 1)
+        for part in getattr(ds, "datasets", None) or ():
+            if isinstance(part, Dataset):
+                walk(part, depth + 1)
+
+    walk(dataset, 0)
+    return found
 
 
 def items_are_batches(loader: Iterable) -> bool:

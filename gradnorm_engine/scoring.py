@@ -22,10 +22,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .backends import Backend, resolve_backend
+from .backends.limits import autograd_limit
 from .errors import NonFiniteScoreError, SampleShapeError
 from .inputs import IgnoredInputWarning, InputReader, ModelInputs
 from .job import ScoringJob, eval_mode, on_device
-from .loaders import batch_size_hint, check_pool_loader, pool_length
+from .loaders import as_pool, batch_size_hint, check_pool_loader, pool_length
 from .memory import is_out_of_memory
 from .options import ScoringOptions
 from .reduction import reduce_sqnorms
@@ -41,6 +42,7 @@ def score_here(model: nn.Module, loader: Iterable, options: ScoringOptions, redu
 
     ``reduce``: what each chunk's squared norms [B, P] become (default: ``options.norm``'s score [B]).
     """
+    loader = as_pool(loader)
     check_pool_loader(loader)
     return score_stream(options.make_job(model), loader, options, progress=options.progress, reduce=reduce)
 
@@ -124,6 +126,9 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
         try:
             sq = engine.sqnorms(x)
         except Exception as err:
+            known = autograd_limit(err)   # what no backend can differentiate, in one line with the fix
+            if known is not None:
+                raise known from err
             if not is_out_of_memory(err) or len(x) == 1:
                 raise
             # Out of memory: halve the chunk for the rest of the pool and redo this one.

@@ -446,3 +446,14 @@ def test_vmap_names_a_forward_that_updates_a_buffer():
         score_pool(model, [x], backend="vmap", progress=False)
     assert max_rel_err(score_pool(model, [x], backend="hooks", progress=False),
                        score_pool(model, [x], backend="loop", progress=False)) <= 1e-6
+
+
+def test_a_model_on_the_meta_device_is_refused_in_one_line():
+    """Weights never loaded (built under torch.device("meta")): torch's internal error before."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    for kw in ({}, {"device": "cpu"}, {"backend": "loop"}):
+        with pytest.raises(ValueError, match=r"^the model's parameters 0.weight, 0.bias, 2.weight, 2.bias are on the "
+                                             r"meta device .*to_empty.*assign=True") as info:
+            score_pool(model, [torch.randn(3, 6)], progress=False, **kw)
+        assert "\n" not in str(info.value)

@@ -12,6 +12,7 @@ from ..inputs import ModelInputs, check_logits, check_loss
 from ..kernels import per_sample_sumsq
 from ..memory import activation_elems, chunk_budget
 from .base import Backend
+from .limits import vmap_limit
 
 # Bytes per measured parameter entry and per activation entry of one sample while a chunk
 # runs: the per-sample gradient plus autograd's temporaries (about 3 copies), and the saved
@@ -79,11 +80,9 @@ class VmapBackend(Backend):
                 per_sample_grad = self.per_sample_grad[x.targets is not None]
                 grads = per_sample_grad(measured, x.args, x.kwargs, x.targets)   # {name: [B, *param.shape]}
         except RuntimeError as err:
-            if "mutate a captured Tensor" not in str(err):
+            known = vmap_limit(err)   # what torch.func cannot run, in one line with the backend that can
+            if known is None:
                 raise
-            raise RuntimeError(
-                "backend='vmap' cannot run this model: its forward updates a buffer or another tensor in "
-                "place (a call counter, a cache), which torch.func's transforms refuse; use backend='hooks' "
-                "(or 'auto') or 'loop'") from err
+            raise known from err
         out = per_sample_sumsq([grads[n] for n in self.names], per_tensor=True)  # [B, P]
         return out.to(self.job.accum_dtype)

@@ -9,12 +9,18 @@ CPU tensors, so the same code runs under NCCL and needs no CUDA device pinned pe
    and k positions per rank, whatever N is).
 
 A rank that hangs or dies: an exchange waits at most ``GRADNORM_DISTRIBUTED_TIMEOUT`` seconds
-(default 1800, torch's own default), then raises.
+(default 1800, torch's own default), then raises; a peer whose connection closed (it died, or
+exited) is reported as soon as its connection drops, with the seconds it took. A failed exchange
+closes the engine's group on this rank, and so does the end of the process: its gloo threads end
+while the interpreter is whole, instead of sometimes aborting the process at exit. The next call
+after a failure makes a new group.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -188,16 +194,69 @@ def control_group():
     global _control
     world, timeout = dist.group.WORLD, exchange_timeout()
     if _control is None or _control[0] is not world or _control[1] != timeout:
-        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        # every rank makes it at its first call: a rank that never makes the call is found here
+        group = collective(lambda: dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)),
+                           "starting the engine's exchange group")
         _control = (world, timeout, group)
+        _close_at_exit()
     return _control[2]
 
 
-def collective(fn, what: str) -> None:
+_closes_at_exit = False
+
+
+def _close_at_exit() -> None:
+    """Release the engine's group when the process ends, before the interpreter tears down: a gloo
+    group whose peers have gone, left to the interpreter's teardown, sometimes aborts the process
+    (SIGABRT, "terminate called without an active exception") instead of letting it end with its
+    own exit code."""
+    global _closes_at_exit
+    if not _closes_at_exit:
+        atexit.register(_close_control_group)
+        _closes_at_exit = True
+
+
+# What gloo and the store say when the peer at the other end of a connection is gone.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def collective(fn, what: str):
+    """``fn()`` (an exchange between all ranks); a failure raises DistributedScoringError saying how
+    long it took and what that means: a peer gone (at once) or no answer within the timeout."""
+    start = time.monotonic()
     try:
-        fn()
+        return fn()
     except Exception as err:
-        raise DistributedScoringError(
-            f"rank {dist.get_rank()}: {what} failed after waiting up to {exchange_timeout():g} s for the other "
-            f"ranks ({type(err).__name__}: {err}); a rank hung, died or raised outside scoring. If ranks "
-            f"legitimately finish their blocks further apart, raise {TIMEOUT_ENV} (seconds)") from err
+        seconds = time.monotonic() - start
+        _close_control_group()
+        raise DistributedScoringError(_exchange_failure(what, err, seconds)) from err
+
+
+def _exchange_failure(what: str, err: Exception, seconds: float) -> str:
+    limit = exchange_timeout()
+    text = str(err).strip()
+    cause = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"   # one line
+    head = f"rank {dist.get_rank()}: {what}"
+    if any(words in text for words in PEER_GONE):
+        return (f"{head} failed after {seconds:.1f} s: a peer rank closed its connection, so it died or exited "
+                f"without making this call; see its log ({cause})")
+    if seconds >= 0.9 * limit:
+        return (f"{head} gave up after {seconds:.0f} s, the limit ({TIMEOUT_ENV}={limit:g}), waiting for the other "
+                "ranks: a rank hung, is still busy, or exited without making this call (every rank must make the "
+                f"same calls); if ranks legitimately finish their blocks further apart, raise {TIMEOUT_ENV} "
+                f"(seconds) ({cause})")
+    return (f"{head} failed after {seconds:.1f} s, before the {limit:g} s limit ({cause}); a rank died or raised "
+            "outside scoring")
+
+
+def _close_control_group() -> None:
+    """Forget the engine's group after a failed exchange and release it on this rank now: its peers
+    are gone or out of step, and a broken gloo group left to the end of the process can abort it."""
+    global _control
+    if _control is None:
+        return
+    group, _control = _control[2], None
+    try:
+        dist.destroy_process_group(group)
+    except Exception:  # noqa: BLE001 - best effort: the error that matters is the one being raised
+        pass

@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..loaders import check_pool_loader, items_are_batches
+from ..loaders import as_pool, check_pool_loader, items_are_batches
 from ..options import ScoringOptions
 from ..ranking import RankResult, check_k, check_k_fits
 from ..scoring import Reduction, score_stream
 from .exchange import (DistributedScoringError, RankStatus, ScoredBlock, agree_before_scoring, control_group,
                        exchange_status, gather_scores, gather_top_k, picklable)
+from .fingerprint import content_digest
 from .sharding import check_shardable, loader_order, order_digest, shard_loader
 
 
@@ -61,13 +62,15 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None, 
             k = check_k(k)
         checked = ScoringOptions.from_kwargs(options)
         job = checked.make_job(model)
+        loader = as_pool(loader)   # a Dataset: the same DataLoader on every rank
         check_pool_loader(loader)  # on the user's loader: the block loader hides shuffle/drop_last
         check_shardable(loader)
         order = loader_order(loader)
         align = 1 if items_are_batches(loader) else int(checked.chunk_size or 1)
         block, start, stop = shard_loader(loader, rank, world, order, align=align)
         shared = {"result": what, "k": k, **checked.digest()}
-        agreement = f"{order_digest(loader, order)}; " + ", ".join(f"{n}={v}" for n, v in shared.items())
+        agreement = (f"{order_digest(loader, order)}, {content_digest(loader.dataset)}; "
+                     + ", ".join(f"{n}={v}" for n, v in shared.items()))
     except Exception as err:  # noqa: BLE001 - raised below, after every rank has heard of it
         refused = err
     agree_before_scoring(agreement, refused, group)

@@ -94,6 +94,24 @@ class StalledDataset(Dataset):
         return self.x[i]
 
 
+class FileList(Dataset):
+    """An image-folder-like pool: ``samples`` lists (path, label) as torchvision's ImageFolder does."""
+
+    def __init__(self, root: str, order: list[int]):
+        self.x = make_inputs()
+        self.samples = [(f"{root}/class{i % 2}/img{i:02d}.png", i % 2) for i in order]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.x[int(self.samples[i][0][-6:-4])]
+
+
+def file_list_loader(root: str, order: list[int]) -> DataLoader:
+    return DataLoader(FileList(root, order), batch_size=4)
+
+
 class Stream(IterableDataset):
     def __iter__(self):
         return iter(make_inputs())
@@ -225,6 +243,8 @@ def run_checks(outdir: str) -> dict:
         "rank_reordered": lambda: rank_tuple(rank_unlabeled(model, reordered_loader(), 7, progress=False)),
         "score_batch_sampler": lambda: score_pool(model, batch_sampler_loader(), progress=False),
         "score_prebatched": lambda: score_pool(model, prebatched_loader(), progress=False),
+        # a Dataset given as the pool: read in order in the engine's batches, sharded like a DataLoader
+        "dataset_pool": lambda: score_pool(model, pool_loader().dataset, progress=False),
         "score_reads": lambda: (score_pool(model, DataLoader(recording, batch_size=4), progress=False),
                                 sorted(recording.read)),
         "opt_out": lambda: (score_pool(model, DataLoader(recording, batch_size=4), progress=False,
@@ -245,6 +265,16 @@ def run_checks(outdir: str) -> dict:
         "shuffled": lambda: score_pool(model, pool_loader(shuffle=True), progress=False),
         "orders_differ": lambda: score_pool(model, pool_loader(sampler=torch.randperm(
             N, generator=torch.Generator().manual_seed(dist.get_rank())).tolist()), progress=False),
+        # the same length and order, other content: a tensor shifted on ranks > 0, files listed in another order
+        "contents_differ": lambda: score_pool(model, DataLoader(TensorDataset(make_inputs() + (dist.get_rank() > 0)),
+                                                                batch_size=4), progress=False),
+        "listing_differs": lambda: score_pool(model, file_list_loader(
+            "/data/pool", list(range(N))[::-1 if dist.get_rank() else 1]), progress=False),
+        # the same files mounted at another place on every node: the same pool
+        "roots_differ": lambda: score_pool(model, file_list_loader(f"/mnt/node{dist.get_rank()}/pool",
+                                                                   list(range(N))), progress=False),
+        "norm_differs": lambda: score_pool(model, pool_loader(), norm="tensor_sum" if dist.get_rank() else "frobenius",
+                                           progress=False),
         "broadcast": broadcast_from_rank0,
         "main_process": is_main_process,
         "al_loop": lambda: al_under_torchrun(outdir),
@@ -344,6 +374,8 @@ def reference() -> dict:
         "rank_reordered": rank_tuple(rank_unlabeled(model, reordered_loader(), 7, progress=False)),
         "score_batch_sampler": score_pool(model, batch_sampler_loader(), progress=False),
         "score_prebatched": score_pool(model, prebatched_loader(), progress=False),
+        "dataset_pool": score_pool(model, pool_loader(), progress=False),
+        "roots_differ": score_pool(model, file_list_loader("/data/pool", list(range(N))), progress=False),
         "aligned_chunks": score_pool(model, pool_loader(), chunk_size=5, progress=False),
         "multi_input": score_pool(token_model(), token_loader(), chunk_size=2, progress=False),
         "per_parameter": per_parameter_sqnorms(model, pool_loader(), group="module", chunk_size=5, progress=False),
@@ -385,7 +417,7 @@ def assert_same(got, want, what: str) -> None:
 
 @pytest.mark.parametrize("check", ["score_pool", "score_pool_tensor_sum", "rank_k", "rank_all", "rank_1",
                                    "rank_reordered", "score_batch_sampler", "score_prebatched", "tiny_pool",
-                                   "aligned_chunks", "per_parameter"])
+                                   "aligned_chunks", "per_parameter", "dataset_pool", "roots_differ"])
 def test_every_rank_returns_the_single_process_answer(ranks, reference, check):
     for r, results in enumerate(ranks):
         assert_same(results[check], reference[check], f"rank {r} of {len(ranks)}, {check}")
@@ -512,11 +544,20 @@ def test_the_group_still_works_after_a_failure(ranks, reference):
     ("iterable", "TypeError", "distributed=False"),
     ("shuffled", "ValueError", "shuffle=False"),
     ("orders_differ", "ValueError", "the ranks read different pools"),
+    ("contents_differ", "ValueError", "the ranks read different pools"),
+    ("listing_differs", "ValueError", "the ranks read different pools"),
+    ("norm_differs", "ValueError", "call with different options"),
 ])
 def test_user_errors_raise_the_same_on_every_rank(ranks, check, error, words):
     for results in ranks:
         assert results[check][:2] == ("raised", error)
         assert words in results[check][2]
+
+
+def test_ranks_with_different_norms_are_refused_naming_both(ranks):
+    for results in ranks:
+        got = results["norm_differs"]
+        assert got[:2] == ("raised", "ValueError") and "norm=frobenius" in got[2] and "norm=tensor_sum" in got[2], got
 
 
 def test_a_stalled_rank_times_out_instead_of_hanging(ranks):
