@@ -19,6 +19,10 @@ from .scores import Score, resolve_score
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# Several losses per sample from one forward (expected gradient length: one per class):
+# logits [B, C], targets [B] or None -> (losses [B, K], weights [B, K], no gradient through them).
+Objective = Callable[[torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass
 class ScoringJob:
@@ -53,6 +57,20 @@ class ScoringJob:
         """Per-sample losses of a batch; inputs [B, ...] -> [B]."""
         x = ModelInputs.of(x)
         return check_loss(self.loss_fn(self.logits(x, substitutes), x.targets), len(x))
+
+    def objective_losses(self, x: ModelInputs | torch.Tensor, objective: Objective | None = None,
+                         substitutes: dict[str, torch.Tensor] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The K per-sample losses of ``objective`` from one forward, and their weights: inputs
+        [B, ...] -> ([B, K], [B, K]). Without one, the job's own loss: ([B, 1], None)."""
+        x = ModelInputs.of(x)
+        if objective is None:
+            return self.losses(x, substitutes)[:, None], None
+        losses, weights = objective(self.logits(x, substitutes), x.targets)
+        if not (isinstance(losses, torch.Tensor) and losses.dim() == 2 and losses.shape[0] == len(x)
+                and isinstance(weights, torch.Tensor) and weights.shape == losses.shape):
+            raise ValueError(f"an objective returns (losses [B, K], weights [B, K]) with B = {len(x)}")
+        return losses, weights.detach()
 
     def autocast_context(self):
         if self.autocast is None:

@@ -48,12 +48,14 @@ def per_parameter_sqnorms(model: nn.Module, loader: Iterable, *, group: Grouping
         options["params"] = [p for n, p in inner.named_parameters() if n in set(names)]
     group_names, matrix = parameter_groups(names, group)
 
-    def reduce(sq: torch.Tensor) -> torch.Tensor:   # [B, P] -> [B, G]
+    def per_chunk(engine, x) -> torch.Tensor:   # [B, P] -> [B, G]
+        sq = engine.sqnorms(x)
         return sq if matrix is None else sq @ matrix.to(sq.device, sq.dtype)
 
     if use_sharding(distributed):
-        return score_pool_sharded(model, loader, options, reduce=reduce, what=f"per-parameter {group_names}"), group_names
-    return score_here(model, loader, ScoringOptions.from_kwargs(options), reduce=reduce)[0], group_names
+        return score_pool_sharded(model, loader, options, per_chunk=per_chunk,
+                                  what=f"per-parameter {group_names}"), group_names
+    return score_here(model, loader, ScoringOptions.from_kwargs(options), per_chunk=per_chunk)[0], group_names
 
 
 def parameter_groups(names: list[str], group: Grouping) -> tuple[list[str], torch.Tensor | None]:

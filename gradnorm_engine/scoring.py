@@ -32,29 +32,30 @@ from .options import ScoringOptions
 from .reduction import reduce_sqnorms
 
 
-# What a chunk's per-parameter squared norms [B, P] become: scores [B] (the norm), or [B, G].
-Reduction = Callable[[torch.Tensor], torch.Tensor]
+# One chunk's result from the backend: its scores [B] (the norm of the squared norms [B, P]), or
+# another per-sample result [B, ...] (per-parameter norms, expected gradient length).
+ChunkResult = Callable[[Backend, ModelInputs], torch.Tensor]
 
 
-def score_here(model: nn.Module, loader: Iterable, options: ScoringOptions, reduce: Reduction | None = None
+def score_here(model: nn.Module, loader: Iterable, options: ScoringOptions, per_chunk: ChunkResult | None = None
                ) -> tuple[torch.Tensor, str]:
     """Every sample's score on this process, after checking the loader and the job.  -> ([N], backend)
 
-    ``reduce``: what each chunk's squared norms [B, P] become (default: ``options.norm``'s score [B]).
+    ``per_chunk(engine, x)``: each chunk's result (default: ``options.norm`` of ``engine.sqnorms(x)``, [B]).
     """
     loader = as_pool(loader)
     check_pool_loader(loader)
-    return score_stream(options.make_job(model), loader, options, progress=options.progress, reduce=reduce)
+    return score_stream(options.make_job(model), loader, options, progress=options.progress, per_chunk=per_chunk)
 
 
 def score_stream(job: ScoringJob, loader: Iterable, options: ScoringOptions, *, progress: bool,
-                 reduce: Reduction | None = None) -> tuple[torch.Tensor, str]:
+                 per_chunk: ChunkResult | None = None) -> tuple[torch.Tensor, str]:
     """Score a checked job over ``loader``: the model on the job's device, in eval mode.  -> ([N], backend)"""
     with on_device(job.model, job.device), eval_mode(job.model), torch.enable_grad():
         with resolve_backend(options.backend, job) as engine:
             reader = options.input_reader(job.model, needs_targets=job.loss_fn.needs_targets)
             scores = _stream_scores(job, engine, loader, reader, progress=progress,
-                                    reduce=reduce or (lambda sq: reduce_sqnorms(sq, options.norm)))
+                                    per_chunk=per_chunk or (lambda e, x: reduce_sqnorms(e.sqnorms(x), options.norm)))
             return scores, engine.name
 
 
@@ -112,7 +113,7 @@ def _warn_unused_inputs(batch, reader: InputReader) -> None:
 
 
 def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: InputReader, *,
-                   reduce: Reduction, progress: bool) -> torch.Tensor:
+                   per_chunk: ChunkResult, progress: bool) -> torch.Tensor:
     total = pool_length(loader)
     bar = tqdm(total=total, unit="sample", unit_scale=True, desc=f"gradnorm ({engine.name})",
                disable=not progress, dynamic_ncols=True)
@@ -124,7 +125,7 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
     def run(x: ModelInputs) -> None:
         nonlocal chunk
         try:
-            sq = engine.sqnorms(x)
+            result = per_chunk(engine, x)
         except Exception as err:
             known = autograd_limit(err)   # what no backend can differentiate, in one line with the fix
             if known is not None:
@@ -139,7 +140,7 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
             for part in x.split(chunk):
                 run(part)
             return
-        results.append(reduce(sq).detach().cpu())
+        results.append(result.detach().cpu())
         bar.update(len(x))
 
     try:

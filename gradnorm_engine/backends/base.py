@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import ModelInputs
-from ..job import ScoringJob
+from ..job import Objective, ScoringJob
 
 
 class Backend:
@@ -13,8 +13,10 @@ class Backend:
     ``sqnorms(x)`` takes a chunk of inputs x [B, ...] already on ``job.device`` (``ModelInputs``,
     or one input tensor) and returns
     [B, P] in ``job.accum_dtype``, where column j is ||d loss_i / d theta_j||^2 for the j-th
-    parameter of ``job.params``. The backend may keep state between chunks (hooks, compiled
-    functions) and releases it in ``close``; it never changes a parameter, buffer or ``.grad``.
+    parameter of ``job.params``. ``sqnorms_per_loss(x, objective)`` does the same for the K losses
+    of an objective (job.Objective) from one forward: ([B, K, P], weights [B, K]). The backend may
+    keep state between chunks (hooks, compiled functions) and releases it in ``close``; it never
+    changes a parameter, buffer or ``.grad``.
     """
 
     name: str = "?"
@@ -27,6 +29,10 @@ class Backend:
         return int(self.job.options.get("chunk_size") or 256)
 
     def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
+        return self.sqnorms_per_loss(x, None)[0][:, 0]
+
+    def sqnorms_per_loss(self, x: ModelInputs | torch.Tensor, objective: Objective | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
     def close(self) -> None:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..inputs import ModelInputs
-from ..job import ScoringJob, measure_only
+from ..job import Objective, ScoringJob, measure_only
 from ..memory import activation_elems, chunk_budget, is_out_of_memory
 from .base import Backend
 from .fallback import ExactFallback
@@ -122,48 +122,59 @@ class HooksBackend(Backend):
         per_sample = itemsize * (ACTIVATION_COPIES * act + self.plan.widest())
         return max(1, min(MAX_CHUNK, chunk_budget(job.device, job.max_memory) // per_sample))
 
-    def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
+    def sqnorms_per_loss(self, x: ModelInputs | torch.Tensor, objective: Objective | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, K, P] for the K losses of ``objective`` (the job's loss: K = 1), one forward and one
+        backward per loss; the parameters the rules cannot score by the exact fallback."""
         job, state = self.job, self.downgrades
         x = ModelInputs.of(x)
         with measure_only(job):
             if state.rules_disagree or not self.plan.ruled:  # nothing for the rules: skip their forward
-                return self._all_by_fallback(x)
-            out = torch.zeros(len(x), len(job.params), dtype=job.accum_dtype, device=x.device)
-            fallback = self._by_rules(x, out)
+                return self._all_by_fallback(x, objective)
+            out, weights, fallback = self._by_rules(x, objective)
             self.last_fallback = tuple(n for n, _ in fallback)
             if fallback:
                 cols = [self.plan.columns[id(p)] for _, p in fallback]
-                out[:, cols] = self._fallback(fallback).sqnorms(x).to(out.dtype)
-                if not state.copies_tried:
+                sq, _ = self._fallback(fallback).sqnorms_per_loss(x, objective)
+                out[:, :, cols] = sq.to(out.dtype)
+                if not state.copies_tried and objective is None:
                     state.copies_tried = True
-                    state.copied = self._try_copies(x, fallback, out)
+                    state.copied = self._try_copies(x, fallback, out[:, 0])
             # keyed by the shapes: a later chunk whose size equals a sequence length is checked again
-            shapes = (len(x), x.signature())
+            shapes = (len(x), x.signature(), objective is None)
             if shapes not in state.checked_sizes:
                 state.checked_sizes.add(shapes)
-                if not self._agrees_with_loop(x, out):
+                if not self._agrees_with_loop(x, out, objective):
                     state.rules_disagree = True
-                    return self._all_by_fallback(x)
-        return out
+                    return self._all_by_fallback(x, objective)
+        return out, weights
 
-    def _by_rules(self, x: ModelInputs, out: torch.Tensor) -> list[tuple[str, nn.Parameter]]:
-        """The rules' pass over ``x`` into ``out``; -> the (name, parameter)s left to the fallback."""
+    def _by_rules(self, x: ModelInputs, objective: Objective | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[str, nn.Parameter]]]:
+        """The rules' pass over ``x``; -> (squared norms [B, K, P] where the rules scored, the
+        objective's weights, the (name, parameter)s left to the fallback)."""
         state = self.downgrades
         try:
-            needs_fallback = RulePass(self.plan, self.job, len(x)).run(x, out, state.copied)
+            out, weights, needs_fallback = self._rule_pass(x, objective, state.copied)
         except Exception as err:  # noqa: BLE001 - see below
             if not state.copied or is_out_of_memory(err):
                 raise
             # The per-sample copies, checked on an earlier chunk, do not fit this one (a
             # shape that depends on the batch size): back to the fallback for good.
             state.copied = {}
-            out.zero_()
-            needs_fallback = RulePass(self.plan, self.job, len(x)).run(x, out)
-        return [(n, p) for n, p in self.job.params if id(p) in needs_fallback]
+            out, weights, needs_fallback = self._rule_pass(x, objective, {})
+        return out, weights, [(n, p) for n, p in self.job.params if id(p) in needs_fallback]
 
-    def _all_by_fallback(self, x: ModelInputs) -> torch.Tensor:
+    def _rule_pass(self, x: ModelInputs, objective: Objective | None, copied: dict):
+        rule_pass = RulePass(self.plan, self.job, len(x))
+        out, needs_fallback = rule_pass.run(x, copied, objective)
+        return out, rule_pass.weights, needs_fallback
+
+    def _all_by_fallback(self, x: ModelInputs, objective: Objective | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.last_fallback = tuple(n for n, _ in self.job.params)
-        return self._fallback(self.job.params).sqnorms(x).to(self.job.accum_dtype)
+        sq, weights = self._fallback(self.job.params).sqnorms_per_loss(x, objective)
+        return sq.to(self.job.accum_dtype), weights
 
     def _try_copies(self, x: ModelInputs, fallback: list, out: torch.Tensor) -> dict[str, nn.Parameter]:
         """Which fallback parameters per-sample copies can score from now on.
@@ -202,26 +213,27 @@ class HooksBackend(Backend):
         return {n: per_sample_sqnorm(g, len(x), self.job.accum_dtype, x.device)
                 for n, g in zip(copies, grads)}
 
-    def _agrees_with_loop(self, x: ModelInputs, out: torch.Tensor) -> bool:
+    def _agrees_with_loop(self, x: ModelInputs, out: torch.Tensor, objective: Objective | None = None) -> bool:
         """Compare the first samples with the per-sample loop; warn and return False if the
         rules got them wrong (a layer that reads another dim than the batch as the sample)."""
         job = self.job
         n = min(CHECK_SAMPLES, len(x))
         try:
-            expected = LoopBackend(job).sqnorms(x[:n]).to(out.dtype)         # (n, P)
+            expected = LoopBackend(job).sqnorms_per_loss(x[:n], objective)[0].to(out.dtype)   # (n, K, P)
         except Exception as err:  # noqa: BLE001 - a model that cannot run one sample alone
             if is_out_of_memory(err):
                 raise
             return True  # no per-sample reference to hold the rules to
 
-        got = out[:n]
+        expected = expected.transpose(1, 2).reshape(n, -1)   # (n, P*K): each parameter's K columns
+        got = out[:n].transpose(1, 2).reshape(n, -1)
         rtol = _check_rtol(job, out.dtype)
         # Each entry within rtol of itself, with a floor of rtol * 1e-3 of the sample's total.
         floor = 1e-3 * expected.sum(dim=1, keepdim=True)
         bad = (got - expected).abs() > rtol * (expected.abs() + floor) + 1e-30
         if not bool(bad.any()):
             return True
-        names = [job.params[j][0] for j in bad.any(dim=0).nonzero().flatten().tolist()]
+        names = [job.params[j // out.shape[1]][0] for j in bad.any(dim=0).nonzero().flatten().tolist()]
         shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
         warnings.warn(
             f"backend='hooks': the per-layer rules disagree with the per-sample loop for {shown}; a "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..inputs import ModelInputs
-from ..job import measure_only
+from ..job import Objective, measure_only
 from .base import Backend
 
 
@@ -17,18 +17,25 @@ class LoopBackend(Backend):
     def chunk_size(self, example: torch.Tensor) -> int:
         return int(self.job.options.get("chunk_size") or 64)
 
-    def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
+    def sqnorms_per_loss(self, x: ModelInputs | torch.Tensor, objective: Objective | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         job = self.job
         x = ModelInputs.of(x)
         params = [p for _, p in job.params]
-        out = torch.zeros(len(x), len(params), dtype=job.accum_dtype, device=x.device)
+        out, weights = None, []
         with measure_only(job):  # a measured parameter with requires_grad=False is still measured
             for i in range(len(x)):
-                loss = job.losses(x[i : i + 1])[0]
-                if not loss.requires_grad:
-                    continue  # the loss does not depend on any parameter: every norm is 0
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for j, g in enumerate(grads):
-                    if g is not None:
-                        out[i, j] = g.to(job.accum_dtype).pow(2).sum()
-        return out
+                losses, w = job.objective_losses(x[i : i + 1], objective)      # (1, K)
+                if out is None:
+                    out = torch.zeros(len(x), losses.shape[1], len(params), dtype=job.accum_dtype,
+                                      device=x.device)
+                weights.append(w)
+                if not losses.requires_grad:
+                    continue  # the losses do not depend on any parameter: every norm is 0
+                for k in range(losses.shape[1]):
+                    grads = torch.autograd.grad(losses[0, k], params, allow_unused=True,
+                                                retain_graph=k < losses.shape[1] - 1)
+                    for j, g in enumerate(grads):
+                        if g is not None:
+                            out[i, k, j] = g.to(job.accum_dtype).pow(2).sum()
+        return out, (None if objective is None else torch.cat(weights))

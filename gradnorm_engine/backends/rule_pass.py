@@ -22,7 +22,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..inputs import ModelInputs
-from ..job import ScoringJob
+from ..job import Objective, ScoringJob
 from ..memory import is_out_of_memory
 from ..norms import NORM_RULES, NormRule, check_rule_result, find_norm_rule, rule_name
 from .graph import graph_facts
@@ -79,12 +79,17 @@ class RulePass:
     def __init__(self, plan: RulePlan, job: ScoringJob, batch: int):
         self.plan, self.job, self.batch = plan, job, batch
         self.calls: list[_Call] = []
-        self.found: dict[int, torch.Tensor] = {}   # column -> per-sample squared norms from the rules
+        self.found: dict[tuple[int, int], torch.Tensor] = {}   # (loss, column) -> squared norms [B]
         self.missed: set[int] = set()              # parameters a rule did not return: the fallback's
+        self.loss_index, self.last_loss = 0, 0     # the backward in progress, of 0..last_loss
+        self.weights: torch.Tensor | None = None   # the objective's weights [B, K], when there is one
 
-    def run(self, x: ModelInputs, out: torch.Tensor, copied: dict[str, nn.Parameter] | None = None) -> set[int]:
-        """Fill ``out``'s columns that the rules (and the per-sample ``copied`` parameters) score;
-        return the ids of measured parameters that need the fallback."""
+    def run(self, x: ModelInputs, copied: dict[str, nn.Parameter] | None = None,
+            objective: Objective | None = None) -> tuple[torch.Tensor, set[int]]:
+        """Squared norms [B, K, P] for the K losses of ``objective`` (the job's loss: K = 1), from
+        one forward and one backward per loss, in the columns the rules (and the per-sample
+        ``copied`` parameters) score, zero elsewhere; and the ids of the measured parameters
+        that need the fallback. ``self.weights`` holds the objective's weights [B, K]."""
         job, copied = self.job, copied or {}
         # Checked [1, ...] parameters take per-sample copies in this forward (hooks.HooksBackend).
         copies = per_sample_copies(copied, self.batch)
@@ -94,19 +99,24 @@ class RulePass:
                 # prepend: the rule needs the layer's own output, before a user's forward hook
                 # can replace it (hooks run in order, each given the previous one's result)
                 handles.append(module.register_forward_hook(self._recorder(module, rule, mine), prepend=True))
-            loss = job.losses(x, copies).sum()
+            losses, self.weights = job.objective_losses(x, objective, copies)      # (B, K)
         finally:
             for h in handles:
                 h.remove()
-        if not loss.requires_grad:
-            return set()  # no measured parameter reaches the loss: every norm is 0
+        out = torch.zeros(self.batch, losses.shape[1], len(job.params), dtype=job.accum_dtype, device=x.device)
+        if not losses.requires_grad:
+            return out, set()  # no measured parameter reaches the losses: every norm is 0
 
-        covered, edges = self._trust_the_graph(loss)
+        covered, edges = self._trust_the_graph(losses.sum())
+        self.last_loss = losses.shape[1] - 1
         try:
-            if edges or copies:
-                grads = torch.autograd.grad(loss, [*edges, *copies.values()], allow_unused=True)
+            for k in range(losses.shape[1]) if edges or copies else ():
+                # One backward per loss; the saved inputs stay until the last (retain_graph).
+                self.loss_index = k
+                grads = torch.autograd.grad(losses[:, k].sum(), [*edges, *copies.values()], allow_unused=True,
+                                            retain_graph=k < self.last_loss)
                 for name, g in zip(copies, grads[len(edges):]):
-                    self.found[self.plan.columns[id(copied[name])]] = per_sample_sqnorm(
+                    self.found[k, self.plan.columns[id(copied[name])]] = per_sample_sqnorm(
                         g, self.batch, job.accum_dtype, x.device)
         finally:
             # Break the cycle output node -> tensor hook -> call -> node: autograd nodes are not
@@ -114,10 +124,12 @@ class RulePass:
             for c in self.calls:
                 c.inputs = c.edge = c.node = None
         if self.found:  # one write for all columns instead of one per parameter
-            cols = list(self.found)
-            out[:, cols] = torch.stack([self.found[j].to(out.dtype) for j in cols], dim=1)
+            keys = list(self.found)
+            ks = torch.tensor([k for k, _ in keys], device=out.device)
+            js = torch.tensor([j for _, j in keys], device=out.device)
+            out[:, ks, js] = torch.stack([self.found[key].to(out.dtype) for key in keys], dim=1)
         scored = covered - self.missed
-        return {id(p) for _, p in job.params if self.uses.get(id(p), 0) > 0 and id(p) not in scored}
+        return out, {id(p) for _, p in job.params if self.uses.get(id(p), 0) > 0 and id(p) not in scored}
 
     def _trust_the_graph(self, loss: torch.Tensor) -> tuple[set[int], list]:
         """Decide from the graph which calls' rules run: -> (ids of the parameters the rules
@@ -158,7 +170,9 @@ class RulePass:
         """The tensor hook of a call's output: run its rule on (saved inputs, output gradient)."""
         if not call.active or call.inputs is None:
             return
-        inputs, call.inputs = call.inputs, None   # nothing is kept past its layer
+        inputs = call.inputs
+        if self.loss_index == self.last_loss:
+            call.inputs = None   # nothing is kept past its layer's last backward
         try:
             result = call.rule(call.module, inputs, (grad,))
         except Exception as err:  # noqa: BLE001 - a layer the rule cannot read: exact fallback
@@ -170,8 +184,8 @@ class RulePass:
         norms = {id(p): v for p, v in check_rule_result(result, call.rule, call.module, self.batch).items()}
         for p in call.mine:
             if id(p) in norms:
-                col = self.plan.columns[id(p)]
-                self.found[col] = self.found[col] + norms[id(p)] if col in self.found else norms[id(p)]
+                key = (self.loss_index, self.plan.columns[id(p)])
+                self.found[key] = self.found[key] + norms[id(p)] if key in self.found else norms[id(p)]
             else:
                 self.missed.add(id(p))
 

@@ -5,10 +5,13 @@ Each chunk materialises B x P gradient entries for a moment, reduces them with t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, jacrev, vmap
 
 from ..inputs import ModelInputs, check_logits, check_loss
+from ..job import Objective
 from ..kernels import per_sample_sumsq
 from ..memory import activation_elems, chunk_budget
 from .base import Backend
@@ -51,15 +54,24 @@ class VmapBackend(Backend):
         has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in job.model.modules())
         return not (job.autocast is not None and has_batchnorm)
 
-    def _loss_one(self, measured: dict, args: tuple, kwargs: dict, targets: torch.Tensor | None) -> torch.Tensor:
-        job = self.job
-        # (1, ...): the model sees a batch of one, every input of the sample with it
+    def _logits_one(self, measured: dict, args: tuple, kwargs: dict) -> torch.Tensor:
+        """One sample's logits [1, C]: the model sees a batch of one, every input of the sample with it."""
         args = tuple(t.unsqueeze(0) for t in args)
         kwargs = {k: t.unsqueeze(0) for k, t in kwargs.items()}
-        out = functional_call(job.model, ({**measured, **self.frozen}, self.buffers), args, kwargs)
+        out = functional_call(self.job.model, ({**measured, **self.frozen}, self.buffers), args, kwargs)
+        return check_logits(self.job.logits_fn(out), 1)
+
+    def _loss_one(self, measured: dict, args: tuple, kwargs: dict, targets: torch.Tensor | None) -> torch.Tensor:
         targets = None if targets is None else targets.unsqueeze(0)
-        loss = check_loss(job.loss_fn(check_logits(job.logits_fn(out), 1), targets), 1)
+        loss = check_loss(self.job.loss_fn(self._logits_one(measured, args, kwargs), targets), 1)
         return loss[0]
+
+    def _losses_one(self, measured: dict, args: tuple, kwargs: dict, targets: torch.Tensor | None,
+                    objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample's K losses [K], and their weights [K] (as the auxiliary output)."""
+        targets = None if targets is None else targets.unsqueeze(0)
+        losses, weights = objective(self._logits_one(measured, args, kwargs), targets)
+        return losses[0], weights[0].detach()
 
     def chunk_size(self, example: ModelInputs | torch.Tensor) -> int:
         if self.job.options.get("chunk_size"):
@@ -86,3 +98,25 @@ class VmapBackend(Backend):
             raise known from err
         out = per_sample_sumsq([grads[n] for n in self.names], per_tensor=True)  # [B, P]
         return out.to(self.job.accum_dtype)
+
+    def sqnorms_per_loss(self, x: ModelInputs | torch.Tensor, objective: Objective | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample Jacobians of the K losses (jacrev inside vmap), reduced to [B, K, P]."""
+        if objective is None:
+            return self.sqnorms(x)[:, None], None
+        x = ModelInputs.of(x)
+        measured = {n: p.detach() for n, p in self.job.params}
+        jac = jacrev(functools.partial(self._losses_one, objective=objective), has_aux=True)
+        per_sample = vmap(jac, in_dims=(None, 0, 0, 0 if x.targets is not None else None), randomness="error")
+        try:
+            with self.job.autocast_context():
+                grads, weights = per_sample(measured, x.args, x.kwargs, x.targets)   # {name: [B, K, *shape]}
+        except RuntimeError as err:
+            known = vmap_limit(err)
+            if known is None:
+                raise
+            raise known from err
+        batch, k = weights.shape
+        flat = [grads[n].reshape(batch * k, *grads[n].shape[2:]) for n in self.names]
+        out = per_sample_sumsq(flat, per_tensor=True).reshape(batch, k, len(self.names))
+        return out.to(self.job.accum_dtype), weights

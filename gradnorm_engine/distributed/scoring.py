@@ -18,21 +18,21 @@ from torch import nn
 from ..loaders import as_pool, check_pool_loader, items_are_batches
 from ..options import ScoringOptions
 from ..ranking import RankResult, check_k, check_k_fits
-from ..scoring import Reduction, score_stream
+from ..scoring import ChunkResult, score_stream
 from .exchange import (DistributedScoringError, RankStatus, ScoredBlock, agree_before_scoring, control_group,
                        exchange_status, gather_scores, gather_top_k, picklable)
 from .fingerprint import content_digest
 from .sharding import check_shardable, loader_order, order_digest, shard_loader
 
 
-def score_pool_sharded(model: nn.Module, loader: Iterable, options: dict, reduce: Reduction | None = None,
+def score_pool_sharded(model: nn.Module, loader: Iterable, options: dict, per_chunk: ChunkResult | None = None,
                        what: str = "scores") -> torch.Tensor:
     """score_pool's sharded path: every rank returns all N scores, in pool order.  -> [N]
 
-    ``reduce`` and ``what``: another result per sample than the score (per_parameter_sqnorms
+    ``per_chunk`` and ``what``: another result per sample than the score (per_parameter_sqnorms
     gathers [N, G]); ``what`` names it in the ranks' agreement.
     """
-    block, _ = _score_own_block(model, loader, options, reduce=reduce, what=what)
+    block, _ = _score_own_block(model, loader, options, per_chunk=per_chunk, what=what)
     return gather_scores(block)
 
 
@@ -47,7 +47,7 @@ def rank_unlabeled_sharded(model: nn.Module, loader: Iterable, k, options: dict)
                       norm=checked.norm)
 
 
-def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None, reduce: Reduction | None = None,
+def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None, per_chunk: ChunkResult | None = None,
                      what: str = "scores") -> tuple[ScoredBlock, ScoringOptions]:
     """Score this rank's block, then exchange statuses; raise on every rank if any rank failed."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -81,7 +81,7 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None, 
     if stop > start:
         try:
             scores, backend = score_stream(job, block, checked, progress=checked.progress and rank == 0,
-                                           reduce=reduce)
+                                           per_chunk=per_chunk)
             status = RankStatus(ok=True, count=scores.shape[0], backend=backend, dtype=str(scores.dtype),
                                 row_shape=tuple(scores.shape[1:]))
         except Exception as err:  # reported to every rank below, then re-raised here
