@@ -561,15 +561,15 @@ def _query(run: _Run, state: TrialState, name: str, strategy: Strategy) -> _Quer
 def _record(run: _Run, name: str, strategy: Strategy, trial: int, cycle: int, trained_on: torch.Tensor,
             trained: _Trained, query: _Query) -> dict:
     """The results.jsonl record of a cycle that trained on L = ``trained_on``: the gradient-norm
-    strategies add their norm, score and backend; cycle 1 adds the initial labeled set."""
+    strategies add their norm, score and backend (Strategy.record_fields); cycle 1 adds the initial
+    labeled set."""
     config = run.config
     record = {"strategy": name, "trial": trial, "cycle": cycle, "labeled": int(trained_on.numel()),
               "test_acc": trained.test_acc, "per_class_acc": trained.per_class_acc, "train_s": trained.seconds,
               "query_s": query.seconds, "queried": query.picked.tolist(), "dataset": config.dataset,
               "seed": config.seed, "subset": int(query.subset.numel()), "epochs": config.preset.epochs,
               "device": run.device.type}
-    if getattr(strategy, "last_backend", None):
-        record |= {"norm": config.norm, "score": config.score, "backend": strategy.last_backend}
+    record |= strategy.record_fields()
     if cycle == 1:
         record["initial_indices"] = trained_on.tolist()
     return record

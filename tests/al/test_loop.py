@@ -104,9 +104,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, digits, even
     _check_records(resumed, preset, len(digits.train))
 
 
-@pytest.mark.parametrize("strategy", ["badge"])
-def test_a_randomised_engine_strategy_resumes_to_the_same_picks(tmp_path, digits, strategy):
-    """BADGE draws from the trial's query generator: a resumed run must draw as the whole one did."""
+@pytest.mark.parametrize("strategy", ["badge", "egl"])
+def test_the_newer_engine_strategies_resume_to_the_same_picks(tmp_path, digits, strategy):
+    """BADGE draws from the trial's query generator, EGL depends on the trained weights: a resumed
+    run must pick as the whole one did."""
     preset = Preset(**{**TINY.__dict__, "cycles": 3})
     whole = run_active_learning(_config(tmp_path / "whole", [strategy], preset), data=digits, log=None)
     out = tmp_path / "killed"

@@ -34,10 +34,11 @@ def context():
 
 
 def test_registry_holds_the_strategies_and_their_training_needs():
-    assert set(STRATEGIES) == {"lplgrad", "ent-gradnorm", "learning-loss", "entropy", "coreset", "random", "badge"}
+    assert set(STRATEGIES) == {"lplgrad", "ent-gradnorm", "learning-loss", "entropy", "coreset", "random", "egl",
+                                "badge"}
     needs = {name: cls.uses_lossnet for name, cls in STRATEGIES.items()}
     assert needs == {"lplgrad": True, "learning-loss": True, "ent-gradnorm": False, "entropy": False,
-                     "coreset": False, "random": False, "badge": False}
+                     "coreset": False, "random": False, "egl": False, "badge": False}
     with pytest.raises(UsageError, match="unknown strategy 'bald'"):
         make_strategy("bald")
 
@@ -149,3 +150,11 @@ def test_badge_picks_kmeans_pp_seeds_of_the_subsets_gradient_embeddings(context)
     picked = make_strategy("badge").select(QueryContext(**{**context.__dict__,
                                                           "generator": torch.Generator().manual_seed(5)}), BUDGET)
     assert torch.equal(picked, want)
+
+
+def test_egl_picks_the_largest_expected_gradient_lengths(context):
+    from gradnorm_engine import expected_gradient_length
+
+    scores = expected_gradient_length(context.model, context.loader(context.subset), norm="tensor_sum",
+                                      progress=False)
+    assert torch.equal(make_strategy("egl").select(context, BUDGET), _top(context, scores))

@@ -6,9 +6,10 @@
     entropy        CE training + largest softmax entropy
     coreset        CE training + k-center greedy on penultimate embeddings
     random         CE training + uniform sample
+    egl            CE training + expected gradient length over the classes (the engine)
     badge          CE training + k-means++ seeds on last-layer gradient embeddings (the engine)
 """
 from .base import STRATEGIES, QueryContext, Strategy, make_strategy, register_strategy
-from . import lplgrad, ent_gradnorm, learning_loss, entropy, coreset, random, badge  # noqa: F401  (registration)
+from . import lplgrad, ent_gradnorm, learning_loss, entropy, coreset, random, egl, badge  # noqa: F401  (registration)
 
 __all__ = ["STRATEGIES", "QueryContext", "Strategy", "make_strategy", "register_strategy"]

@@ -129,6 +129,10 @@ class Strategy:
     def select(self, context: QueryContext, budget: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def record_fields(self) -> dict:
+        """What the last query adds to its cycle's record (the engine strategies: norm, backend)."""
+        return {}
+
     def top_by_score(self, context: QueryContext, scores: torch.Tensor, budget: int) -> torch.Tensor:
         """The ``budget`` subset members with the largest scores [len(subset)], ties by position."""
         order = best_positions(scores.detach().float().cpu(), budget)

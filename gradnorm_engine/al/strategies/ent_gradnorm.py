@@ -27,6 +27,11 @@ class EntGradNorm(Strategy):
         self.score = score
         self.last_backend: str | None = None  # which engine backend ran the last query
 
+    def record_fields(self) -> dict:
+        if self.last_backend is None:
+            return {}
+        return {"norm": self.norm, "score": self.score, "backend": self.last_backend}
+
     def select(self, context: QueryContext, budget: int) -> torch.Tensor:
         result = rank_unlabeled(context.model, context.loader(context.subset), k=budget, score=self.score,
                                 norm=self.norm, backend=self.backend, device=context.device,
