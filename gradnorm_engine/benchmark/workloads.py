@@ -10,6 +10,17 @@ Models:
   transformer         gradnorm_engine.al.models.small_transformer at a realistic size: vocabulary
                       8000, width 256, 8 heads, 4 blocks, 128 tokens (4.19M parameters)
   small_cnn           gradnorm_engine.al.models.small_cnn on 3x32x32 (5.5k parameters; pool scaling)
+Transformers and larger CNNs (torchvision; transformers for the BERTs), 10 classes unless said:
+  vit                 torchvision VisionTransformer, 3x32x32, patch 4, 6 layers x 256, 8 heads, MLP 1024
+  swin_t              torchvision swin_t, 3x64x64
+  convnext_tiny       torchvision convnext_tiny, 3x64x64
+  resnet50            torchvision resnet50, 3x64x64
+  bert                Hugging Face BertForSequenceClassification, 4 layers x 256, 4 heads, FFN 1024,
+                      vocabulary 30522, 64 token ids (no mask), 3 labels
+  vit_b_16            torchvision vit_b_16, 3x224x224, 1000 classes (GPU sizes)
+  bert_base           Hugging Face BERT-base (12 x 768), 128 token ids, 3 labels (GPU sizes)
+torchvision's ViTs start with a zero head (every logit 0, every entropy gradient 0): the
+workloads draw it from N(0, 0.02) so that the scores are not all zero.
 
 Inputs are never zeros: images are standard normal (what normalised photographs look like to
 the first layer), token ids uniform over the vocabulary.
@@ -70,6 +81,46 @@ def _mobilenet(_width: int) -> nn.Module:
     return models_.mobilenet_v3_small(weights=None)
 
 
+class HFLogits(nn.Module):
+    """A Hugging Face classifier fed token ids, returning its logits tensor (the rows call
+    entropy(model(x)) directly)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+
+def _torchvision(name: str, **kwargs) -> Callable[[int], nn.Module]:
+    def build(_width: int) -> nn.Module:
+        tvm = require("torchvision.models", extra="bench", feature=f"the {name} benchmark workload")
+        model = getattr(tvm, name)(weights=None, **kwargs) if name != "VisionTransformer" else tvm.VisionTransformer(**kwargs)
+        heads = getattr(model, "heads", None)
+        if heads is not None:   # ViT: a zero head gives zero logits and zero entropy gradients
+            with torch.no_grad():
+                heads.head.weight.normal_(0.0, 0.02)
+        return model
+    return build
+
+
+def _bert(layers: int, hidden: int, heads: int, ffn: int) -> Callable[[int], nn.Module]:
+    def build(_width: int) -> nn.Module:
+        transformers = require("transformers", extra="dev", feature="the BERT benchmark workloads")
+        config = transformers.BertConfig(vocab_size=BERT_VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                                         num_attention_heads=heads, intermediate_size=ffn, num_labels=3)
+        return HFLogits(transformers.BertForSequenceClassification(config))
+    return build
+
+
+BERT_VOCAB = 30522
+
+
+def _bert_tokens(length: int) -> Callable[[int, torch.Generator], torch.Tensor]:
+    return lambda b, gen: torch.randint(1, BERT_VOCAB, (b, length), generator=gen)
+
+
 MODELS: dict[str, _Spec] = {
     "resnet18": _Spec(lambda w: models.cifar_resnet18(num_classes=10, width=w), _images(32),
                       "CIFAR ResNet-18, 3x32x32, 10 classes"),
@@ -78,6 +129,16 @@ MODELS: dict[str, _Spec] = {
                          "small transformer, 128 tokens, vocab 8000, d=256, 8 heads, 4 blocks, 4 classes"),
     "small_cnn": _Spec(lambda w: models.small_cnn(num_classes=10, in_channels=3, width=w), _images(32),
                        "small CNN, 3x32x32, 10 classes"),
+    "vit": _Spec(_torchvision("VisionTransformer", image_size=32, patch_size=4, num_layers=6, num_heads=8,
+                              hidden_dim=256, mlp_dim=1024, num_classes=10), _images(32),
+                 "torchvision ViT, 3x32x32, patch 4, 6 layers x 256, 10 classes"),
+    "swin_t": _Spec(_torchvision("swin_t", num_classes=10), _images(64), "torchvision swin_t, 3x64x64, 10 classes"),
+    "convnext_tiny": _Spec(_torchvision("convnext_tiny", num_classes=10), _images(64),
+                           "torchvision convnext_tiny, 3x64x64, 10 classes"),
+    "resnet50": _Spec(_torchvision("resnet50", num_classes=10), _images(64), "torchvision resnet50, 3x64x64, 10 classes"),
+    "bert": _Spec(_bert(4, 256, 4, 1024), _bert_tokens(64), "Hugging Face BERT, 4 layers x 256, 64 token ids, 3 labels"),
+    "vit_b_16": _Spec(_torchvision("vit_b_16"), _images(224), "torchvision vit_b_16, 3x224x224, 1000 classes"),
+    "bert_base": _Spec(_bert(12, 768, 12, 3072), _bert_tokens(128), "Hugging Face BERT-base, 128 token ids, 3 labels"),
 }
 DEFAULT_WIDTH = {"resnet18": 64, "small_cnn": 16}
 
