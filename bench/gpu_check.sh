@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh hooks    # part 1 only: the hooks backend (issue 3), at most ~5 min
 #   bash bench/gpu_check.sh suite    # part 2 only: the benchmark suite, at most ~6.5 min
 #   bash bench/gpu_check.sh tests    # step h5 only: the CUDA tests, at most ~2.5 min
+#   bash bench/gpu_check.sh issue18  # the "On the GPU" issue's measurements, at most ~9.5 min
 #   BENCH_SMOKE=1 BENCH_DEVICE=cpu BENCH_EXTRA_ARGS="--threads 1" bash bench/gpu_check.sh suite
 #                                    # part 2, tiny, on a CPU (plumbing check)
 #
@@ -22,6 +23,14 @@
 #   3. CIFAR ResNet-18 bf16 and 4. tf32, batch 256
 #   5. MobileNetV3-small fp32 (224 px), batch 128;  6. the small transformer fp32, batch 128
 #   7. the scaling of step 2 with backend="vmap", for contrast
+# Part issue18 (what the "On the GPU" issue asks to have measured, in one lease):
+#   g1. the starting point: h1 (fp32) and h2 (bf16 + channels_last) as above
+#   g2. the profiles h3 and h4 (where the time goes), g3. the CUDA tests (h5)
+#   g4. the transformer rows: ViT-B/16 at 224 px and BERT-base at 128 tokens, batch 64, fp32 and
+#       bf16: hooks, fwd_bwd, forward (gradnorm-engine bench --json: the rows for the results file)
+#   g5. a 1,000,000-sample CIFAR-size pool (uint8 on the GPU) ranked end to end, bf16 + channels_last,
+#       at 100k, 300k and 1M samples: time and peak memory (bench/pool_1m.py)
+#   g6. the kernels against cuDNN's batched weight gradient (h6)
 #
 # Writes into $OUT (default bench/results/gpu-run), refreshed after every step so a run cut
 # short still leaves what it measured: summary.md (every table with the command that produced
@@ -36,7 +45,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PART=${1:-all}
-case "$PART" in all|hooks|suite|tests) ;; *) echo "usage: bash bench/gpu_check.sh [all|hooks|suite|tests]" >&2; exit 2;; esac
+case "$PART" in all|hooks|suite|tests|issue18) ;; *) echo "usage: bash bench/gpu_check.sh [all|hooks|suite|tests|issue18]" >&2; exit 2;; esac
 PY=$(realpath -s "$(command -v "${PYTHON:-python3}")")  # absolute: step h5 runs elsewhere
 DEVICE=${BENCH_DEVICE:-cuda}
 OUT=${OUT:-bench/results/gpu-run}
@@ -89,7 +98,8 @@ save() {  # refresh $OUT: summary, log, the JSON/plots, everything as a tarball
     done
   } >"$WORK/summary.md"
   cp "$WORK/summary.md" "$LOG" "$OUT/"
-  for f in resnet18-fp32.json resnet18-fp32.png scaling.json kernels.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
+  for f in resnet18-fp32.json resnet18-fp32.png scaling.json kernels.json g4-vit-b16-fp32.json g4-vit-b16-bf16.json \
+           g4-bert-base-fp32.json g4-bert-base-bf16.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"; done
   tar czf "$OUT/all.tar.gz" -C "$WORK" . 2>/dev/null
 }
 
@@ -153,6 +163,34 @@ if [ "$PART" = all ] || [ "$PART" = hooks ]; then
   script_step h7-kernels-bf16-cl 40 "conv kernels in bf16 channels_last" \
     "$PY" bench/bench_kernels.py --kernels conv,bn --dtypes bf16 --channels-last --json "$WORK/kernels-bf16-cl.json"
   echo "== part hooks: $((SECONDS - HSTART))s" | tee -a "$LOG"
+fi
+
+if [ "$PART" = issue18 ]; then
+  HSTART=$SECONDS; HOOKS_BUDGET_S=${BENCH_ISSUE18_BUDGET_S:-540}; START=$SECONDS; BUDGET_S=$HOOKS_BUDGET_S
+  B=256; TB=64; P1M=100000,300000,1000000; TR="--repeats 8 --warmup 2 --loop-samples 4 --batches 2"
+  if [ "${BENCH_SMOKE:-0}" = 1 ]; then B=4; TB=2; P1M=256,512; TR="--repeats 2 --warmup 1 --loop-samples 1 --batches 1"; fi
+  script_step g1-hooks-fp32 50 "hooks vs a training step, fp32 (TF32 off), batch $B" \
+    "$PY" bench/hooks_vs_training_step.py --device "$DEVICE" --batch $B --repeats 15
+  script_step g1-hooks-bf16-cl 50 "hooks vs a training step, bf16 autocast + channels_last, batch $B" \
+    "$PY" bench/hooks_vs_training_step.py --device "$DEVICE" --batch $B --repeats 15 --autocast bf16 --channels-last
+  script_step g2-profile-fp32 45 "where the hooks time goes, fp32" "$PY" bench/hooks_profile.py --device "$DEVICE" --batch $B
+  script_step g2-profile-bf16-cl 45 "where the hooks time goes, bf16 + channels_last" \
+    "$PY" bench/hooks_profile.py --device "$DEVICE" --batch $B --autocast bf16 --channels-last
+  script_step g3-cuda-tests 100 "CUDA tests (compiled kernels, hooks vs the per-sample loop)" \
+    env -C "$STAGE" TRITON_INTERPRET=0 "$PY" -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_cuda.py
+  for m in vit_b_16 bert_base; do
+    for d in fp32 bf16; do
+      name="g4-${m/_/-}-$d"; name=${name/vit-b_16/vit-b16}
+      [ "${BENCH_SMOKE:-0}" = 1 ] && m_args="--model small_cnn" || m_args="--model $m"
+      step "$name" 45 $m_args --dtype $d --batch-size $TB $TR --methods hooks,fwd_bwd,forward
+    done
+  done
+  script_step g5-pool-1m 120 "a CIFAR-size pool ranked end to end, bf16 + channels_last (uint8 on the GPU)" \
+    "$PY" bench/pool_1m.py --device "$DEVICE" --sizes $P1M --autocast bf16 --channels-last \
+    $([ "${BENCH_SMOKE:-0}" = 1 ] && echo "--width 4 --batch 64")
+  script_step g6-kernels 70 "Triton kernels vs torch references, Gram form, cuDNN batched weight gradient" \
+    "$PY" bench/bench_kernels.py --json "$WORK/kernels.json"
+  echo "== part issue18: $((SECONDS - HSTART))s" | tee -a "$LOG"
 fi
 
 if [ "$PART" = all ] || [ "$PART" = suite ]; then
