@@ -221,56 +221,43 @@ def without_bayesian_dropout(module: nn.Module) -> Iterator[None]:
             setattr(m, rate, value)
 
 
-def gradnorm_loop(
-    dataset: Any,
-    model: Any,
-    query_size: int = 1,
-    *,
-    max_sample: int = -1,
-    uncertainty_folder: str | None = None,
-    **gradnorm_options,
-):
+def gradnorm_loop(dataset: Any, model: Any, query_size: int = 1, **options):
     """A baal ``ActiveLearningLoop`` whose ``step()`` labels the ``query_size`` pool samples with
     the largest gradient norms.
 
     ``dataset`` is the ``ActiveLearningDataset``; ``model`` a ``ModelWrapper`` or torch module;
-    ``max_sample`` and ``uncertainty_folder`` as in ``ActiveLearningLoop``; ``gradnorm_options``
-    go to ``GradNorm`` (``batch_size``, ``workers``, ``collate_fn`` and ``score_pool`` options).
+    ``max_sample=-1`` and ``uncertainty_folder=None`` as in ``ActiveLearningLoop``; the other
+    ``options`` go to ``GradNorm`` (``batch_size``, ``workers``, ``collate_fn`` and ``score_pool``
+    options).
     """
-    return _loop(GradNorm(model, **gradnorm_options), dataset, query_size, max_sample, uncertainty_folder)
+    return _loop(GradNorm(model, **_heuristic_options(options)), dataset, query_size, **options)
 
 
-def egl_loop(
-    dataset: Any,
-    model: Any,
-    query_size: int = 1,
-    *,
-    max_sample: int = -1,
-    uncertainty_folder: str | None = None,
-    **egl_options,
-):
+def egl_loop(dataset: Any, model: Any, query_size: int = 1, **options):
     """A baal ``ActiveLearningLoop`` whose ``step()`` labels the ``query_size`` pool samples with
-    the largest expected gradient lengths; ``egl_options`` go to ``ExpectedGradientLength``
-    (``top_m``, ``batch_size``, ``workers``, ``collate_fn``, ``norm``, ``backend``, ...)."""
-    return _loop(ExpectedGradientLength(model, **egl_options), dataset, query_size, max_sample, uncertainty_folder)
+    the largest expected gradient lengths; ``max_sample`` and ``uncertainty_folder`` as in
+    ``gradnorm_loop``, the other ``options`` go to ``ExpectedGradientLength`` (``top_m``,
+    ``batch_size``, ``workers``, ``collate_fn``, ``norm``, ``backend``, ...)."""
+    return _loop(ExpectedGradientLength(model, **_heuristic_options(options)), dataset, query_size, **options)
 
 
-def badge_loop(
-    dataset: Any,
-    model: Any,
-    query_size: int = 1,
-    *,
-    max_sample: int = -1,
-    uncertainty_folder: str | None = None,
-    **badge_options,
-):
-    """A baal ``ActiveLearningLoop`` whose ``step()`` labels BADGE's ``query_size`` picks; the
-    heuristic and the loop get the same ``query_size``. ``badge_options`` go to ``Badge``
-    (``seed``, ``generator``, ``layer``, ``batch_size``, ``workers``, ``collate_fn``, ...)."""
-    return _loop(Badge(model, query_size, **badge_options), dataset, query_size, max_sample, uncertainty_folder)
+def badge_loop(dataset: Any, model: Any, query_size: int = 1, **options):
+    """A baal ``ActiveLearningLoop`` whose ``step()`` labels BADGE's ``query_size`` picks: the
+    heuristic and the loop get the same ``query_size``. ``max_sample`` and ``uncertainty_folder``
+    as in ``gradnorm_loop``, the other ``options`` go to ``Badge`` (``seed``, ``generator``,
+    ``layer``, ``batch_size``, ``workers``, ``collate_fn``, ...)."""
+    return _loop(Badge(model, query_size, **_heuristic_options(options)), dataset, query_size, **options)
 
 
-def _loop(heuristic: GradNorm, dataset: Any, query_size: int, max_sample: int, uncertainty_folder: str | None):
+LOOP_OPTIONS = ("max_sample", "uncertainty_folder")   # ActiveLearningLoop's, not the heuristic's
+
+
+def _heuristic_options(options: dict) -> dict:
+    return {name: value for name, value in options.items() if name not in LOOP_OPTIONS}
+
+
+def _loop(heuristic: GradNorm, dataset: Any, query_size: int, *, max_sample: int = -1,
+          uncertainty_folder: str | None = None, **_given_to_the_heuristic):
     return _baal_active.ActiveLearningLoop(
         dataset, heuristic.get_scores, heuristic=heuristic, query_size=query_size,
         max_sample=max_sample, uncertainty_folder=uncertainty_folder)

@@ -133,7 +133,26 @@ class _TorchPoolQueryStrategy(_base.SingleAnnotatorPoolQueryStrategy):
         return module, array_loader(X_cand, module, self.loader_batch_size), options
 
 
-class GradNormSampling(_TorchPoolQueryStrategy):
+class _ScoreTopK(_TorchPoolQueryStrategy):
+    """A batch of the ``batch_size`` largest per-sample values of ``_score_pool``, computed with
+    ``norm``, ``backend``, ``device`` and ``score_options``."""
+
+    def __init__(self, norm: str, backend: str, device: Any, loader_batch_size: int, score_options: dict | None,
+                 missing_label: Any, random_state: Any):
+        super().__init__(device, loader_batch_size, missing_label, random_state)
+        self.norm = norm
+        self.backend = backend
+        self.score_options = score_options
+
+    def _scores(self, clf: Any, X_cand: np.ndarray) -> torch.Tensor:
+        module, loader, options = self._module_loader(clf, X_cand, self.score_options)
+        return self._score_pool(module, loader, norm=self.norm, backend=self.backend, device=self.device, **options)
+
+    def _score_pool(self, module: Any, loader: Any, **options) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GradNormSampling(_ScoreTopK):
     """Query the candidates whose loss gradient has the largest norm.
 
     score(x) = || d loss(f(x)) / d theta ||, computed exactly per sample by
@@ -163,19 +182,14 @@ class GradNormSampling(_TorchPoolQueryStrategy):
         missing_label: Any = _base.MISSING_LABEL,
         random_state: Any = None,
     ):
-        super().__init__(device, loader_batch_size, missing_label, random_state)
+        super().__init__(norm, backend, device, loader_batch_size, score_options, missing_label, random_state)
         self.score = score
-        self.norm = norm
-        self.backend = backend
-        self.score_options = score_options
 
-    def _scores(self, clf: Any, X_cand: np.ndarray) -> torch.Tensor:
-        module, loader, options = self._module_loader(clf, X_cand, self.score_options)
-        return score_pool(module, loader, score=self.score, norm=self.norm, backend=self.backend,
-                          device=self.device, **options)
+    def _score_pool(self, module: Any, loader: Any, **options) -> torch.Tensor:
+        return score_pool(module, loader, score=self.score, **options)
 
 
-class EGLSampling(_TorchPoolQueryStrategy):
+class EGLSampling(_ScoreTopK):
     """Query the candidates with the largest expected gradient length.
 
     EGL(x) = sum_c p_c(x) || d CE(f(x), c) / d theta ||, computed exactly per sample by
@@ -190,9 +204,9 @@ class EGLSampling(_TorchPoolQueryStrategy):
         Sum over each sample's ``top_m`` likeliest classes only (None: every class).
     loader_batch_size : int, default=256
         Samples per loader batch when streaming candidates (does not change the values).
-    egl_options : dict or None
-        Further keyword options (``params``, ``logits_fn``, ``autocast``, ``max_memory``,
-        ``chunk_size``, ``progress``).
+    score_options : dict or None
+        Further ``score_pool`` keyword options but ``score`` (``params``, ``logits_fn``,
+        ``autocast``, ``max_memory``, ``chunk_size``, ``progress``), as in ``GradNormSampling``.
     missing_label, random_state : as in every scikit-activeml strategy.
     """
 
@@ -203,20 +217,15 @@ class EGLSampling(_TorchPoolQueryStrategy):
         device: Any = None,
         top_m: int | None = None,
         loader_batch_size: int = 256,
-        egl_options: dict | None = None,
+        score_options: dict | None = None,
         missing_label: Any = _base.MISSING_LABEL,
         random_state: Any = None,
     ):
-        super().__init__(device, loader_batch_size, missing_label, random_state)
-        self.norm = norm
-        self.backend = backend
+        super().__init__(norm, backend, device, loader_batch_size, score_options, missing_label, random_state)
         self.top_m = top_m
-        self.egl_options = egl_options
 
-    def _scores(self, clf: Any, X_cand: np.ndarray) -> torch.Tensor:
-        module, loader, options = self._module_loader(clf, X_cand, self.egl_options)
-        return egl_scores(module, loader, top_m=self.top_m, norm=self.norm, backend=self.backend,
-                          device=self.device, **options)
+    def _score_pool(self, module: Any, loader: Any, **options) -> torch.Tensor:
+        return egl_scores(module, loader, top_m=self.top_m, **options)
 
 
 class BadgeSampling(_TorchPoolQueryStrategy):

@@ -120,7 +120,8 @@ def test_egl_ties_go_to_the_lower_pool_position(cnn_class):
     al_dataset = ActiveLearningDataset(TensorDataset(image.repeat(30, 1, 1, 1), torch.zeros(30, dtype=torch.int64)))
     al_dataset.label(np.arange(0, 30, 3))                             # pool: dataset 1, 2, 4, 5, 7, ...
     torch.manual_seed(0)
-    loop = egl_loop(al_dataset, cnn_class(), query_size=4, top_m=3)
+    loop = egl_loop(al_dataset, cnn_class(), query_size=4, top_m=3, max_sample=100)   # max_sample: the loop's
+    assert loop.max_sample == 100 and loop.heuristic.score_options == {"progress": False}
     np.testing.assert_array_equal(_newly_labelled(al_dataset, loop.step), [1, 2, 4, 5])
 
 
