@@ -119,3 +119,88 @@ class GradNormSampling(Strategy):
 
 
 __all__ = ["Strategy", "GradNormSampling"]
+
+
+# --- Expected gradient length and BADGE ---------------------------------------------------------
+# Both subclass GradNormSampling: they take what it takes (DeepAL's (dataset, net); with the
+# DeepAL+ interface, (dataset, net, args_input, args_task) and its pool options too) and change
+# only how query() picks from the unlabeled pool.
+
+import torch  # noqa: E402 - imported here, with the strategies appended below
+
+from ..ranking import top_k  # noqa: E402
+from ._strategies import DEFAULT_SEED, badge_generator, badge_picks, egl_scores  # noqa: E402
+
+
+def _unlabeled_pool(strategy: GradNormSampling) -> tuple[np.ndarray, DataLoader]:
+    """(unlabeled_idxs, the loader over the unlabeled data, never shuffled), as GradNormSampling
+    builds them: its ``pool_loader()`` where it has one, else from ``get_unlabeled_data()``."""
+    pool_loader = getattr(strategy, "pool_loader", None)
+    if callable(pool_loader):
+        return pool_loader()
+    unlabeled_idxs, unlabeled_data = strategy.dataset.get_unlabeled_data()
+    return np.asarray(unlabeled_idxs), DataLoader(unlabeled_data, **{**strategy._loader_args(), "shuffle": False})
+
+
+class _PoolPositionsStrategy(GradNormSampling):
+    """query(n) = unlabeled_idxs[self._positions(module, loader, n)]."""
+
+    def query(self, n: int) -> np.ndarray:
+        module = self.module   # before reading the pool: an untrained net fails fast
+        unlabeled_idxs, loader = _unlabeled_pool(self)
+        n = min(int(n), len(unlabeled_idxs))
+        if n <= 0:
+            raise ValueError(f"cannot query {n} samples from {len(unlabeled_idxs)} unlabeled ones; "
+                             "ask for at least 1 while unlabeled samples remain")
+        return unlabeled_idxs[self._positions(module, loader, n)]
+
+    def _positions(self, module: nn.Module, loader: DataLoader, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class EGLSampling(_PoolPositionsStrategy):
+    """Query the unlabeled samples with the largest expected gradient length.
+
+    EGL(x) = sum_c p_c(x) || d CE(f(x), c) / d theta ||, computed exactly per sample by
+    ``gradnorm_engine.expected_gradient_length`` (``top_m``: each sample's m likeliest classes
+    only; ``egl_options``: ``norm``, ``backend``, ``params``, ``logits_fn``, ``device``, ...,
+    as ``score_pool``'s, but ``score``). ``query(n)`` returns the dataset indices of the ``n``
+    largest, highest first, ties by the lower position in ``unlabeled_idxs``. The other
+    arguments are GradNormSampling's.
+    """
+
+    def __init__(self, dataset: Any, net: Any, *args, top_m: int | None = None, **options):
+        super().__init__(dataset, net, *args, **options)
+        self.top_m = top_m
+
+    def _positions(self, module: nn.Module, loader: DataLoader, n: int) -> np.ndarray:
+        return top_k(egl_scores(module, loader, top_m=self.top_m, **self.score_options), n).indices.numpy()
+
+
+class BadgeSampling(_PoolPositionsStrategy):
+    """Query BADGE's picks: k-means++ seeds over the unlabeled samples' gradient embeddings with
+    respect to the layer producing the logits (DeepAL's and DeepAL+'s ``BadgeSampling`` take
+    them from ``net.get_grad_embeddings``), computed factorised by ``gradnorm_engine.badge``.
+
+    ``query(n)`` returns the dataset indices of BADGE's ``n`` picks, in pick order. ``seed``
+    (default 0) seeds a new torch generator at every query, so a query's picks depend only on
+    the model, the pool and the seed (a resumed run picks alike); ``generator`` (a
+    ``torch.Generator``) is used as is instead and advances from query to query. ``layer``: the
+    layer producing the logits (default: the module's last ``nn.Linear``; DeepAL's nets return
+    ``(logits, embedding)``, the logits are read at [0]). ``badge_options``: ``logits_fn``,
+    ``device`` and the input options of ``badge``; the other arguments are GradNormSampling's.
+    """
+
+    def __init__(self, dataset: Any, net: Any, *args, seed: int | None = DEFAULT_SEED,
+                 generator: torch.Generator | None = None, layer: nn.Module | None = None, **options):
+        super().__init__(dataset, net, *args, **options)
+        badge_generator(seed, generator)   # a bad seed is refused here, not at the first query
+        self.seed, self.generator, self.layer = seed, generator, layer
+
+    def _positions(self, module: nn.Module, loader: DataLoader, n: int) -> np.ndarray:
+        picks = badge_picks(module, loader, n, generator=badge_generator(self.seed, self.generator),
+                            layer=self.layer, **self.score_options)
+        return picks.positions.numpy()
+
+
+__all__ = [*__all__, "EGLSampling", "BadgeSampling"]

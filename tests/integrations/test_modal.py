@@ -1,4 +1,5 @@
-"""modAL adapter: ActiveLearner.query with gradnorm_sampling picks rank_unlabeled's top-k."""
+"""modAL adapter: ActiveLearner.query with gradnorm_sampling picks rank_unlabeled's top-k, with egl_sampling
+expected_gradient_length's top-k, with badge_sampling badge's picks."""
 import numpy as np
 import pytest
 import torch
@@ -10,7 +11,7 @@ skorch = pytest.importorskip("skorch")
 
 from modAL.models import ActiveLearner  # noqa: E402
 
-from gradnorm_engine import rank_unlabeled  # noqa: E402
+from gradnorm_engine import badge, expected_gradient_length, rank_unlabeled, top_k  # noqa: E402
 from gradnorm_engine.integrations import modal  # noqa: E402
 
 N_QUERY = 8
@@ -22,24 +23,35 @@ def _net(module, **kwargs):
 
 
 def _expected(module, X_pool, k, **options):
-    loader = DataLoader(TensorDataset(torch.from_numpy(X_pool)), batch_size=64)
-    return rank_unlabeled(module, loader, k, progress=False, **options)
+    return rank_unlabeled(module, _pool_loader(X_pool), k, progress=False, **options)
 
 
-def test_two_query_rounds_pick_the_largest_gradient_norms(digits, mlp_class):
-    X, y = digits
-    net = _net(mlp_class, criterion=nn.CrossEntropyLoss)
-    learner = ActiveLearner(estimator=net, query_strategy=modal.gradnorm_sampling,
-                            X_training=X[:20], y_training=y[:20])
-    X_pool, y_pool = X[20:], y[20:]
+def _pool_loader(X_pool):
+    return DataLoader(TensorDataset(torch.from_numpy(X_pool)), batch_size=64)
+
+
+def _two_rounds(learner, X_pool, y_pool, expected_for, **query_kwargs):
+    """Two query/teach rounds; each query must return expected_for(module, X_pool)."""
     for _ in range(2):
-        expected = _expected(learner.estimator.module_, X_pool, N_QUERY)
-        query_idx, query_X = learner.query(X_pool, n_instances=N_QUERY)
-        np.testing.assert_array_equal(np.asarray(query_idx), expected.indices.numpy())
+        expected = expected_for(learner.estimator.module_, X_pool)
+        query_idx, query_X = learner.query(X_pool, n_instances=N_QUERY, **query_kwargs)
+        np.testing.assert_array_equal(np.asarray(query_idx), expected)
         np.testing.assert_array_equal(query_X, X_pool[query_idx])
         learner.teach(X_pool[query_idx], y_pool[query_idx])
         X_pool, y_pool = np.delete(X_pool, query_idx, axis=0), np.delete(y_pool, query_idx, axis=0)
     assert len(learner.X_training) == 20 + 2 * N_QUERY
+
+
+def _learner(strategy, digits, mlp_class):
+    X, y = digits
+    return ActiveLearner(estimator=_net(mlp_class, criterion=nn.CrossEntropyLoss), query_strategy=strategy,
+                         X_training=X[:20], y_training=y[:20])
+
+
+def test_two_query_rounds_pick_the_largest_gradient_norms(digits, mlp_class):
+    X, y = digits
+    learner = _learner(modal.gradnorm_sampling, digits, mlp_class)
+    _two_rounds(learner, X[20:], y[20:], lambda module, X_pool: _expected(module, X_pool, N_QUERY).indices.numpy())
 
 
 def test_query_keywords_reach_score_pool(digits, mlp_class):
@@ -93,3 +105,44 @@ def test_unfitted_learner_says_to_fit_first(digits, mlp_class):
     learner = ActiveLearner(estimator=_net(mlp_class), query_strategy=modal.gradnorm_sampling)
     with pytest.raises(TypeError, match="fit"):
         modal.gradnorm_sampling(learner, X, n_instances=2)
+
+
+def test_two_egl_query_rounds_pick_the_largest_expected_gradient_lengths(digits, mlp_class):
+    X, y = digits
+    learner = _learner(modal.egl_sampling, digits, mlp_class)
+
+    def expected(module, X_pool):
+        egl = expected_gradient_length(module, _pool_loader(X_pool), top_m=4, progress=False)
+        np.testing.assert_allclose(modal.egl_scores(learner, X_pool, top_m=4), egl.numpy(), rtol=1e-6)
+        return top_k(egl, N_QUERY).indices.numpy()
+
+    _two_rounds(learner, X[20:], y[20:], expected, top_m=4)
+
+
+def test_two_badge_query_rounds_pick_badges_picks(digits, mlp_class):
+    X, y = digits
+    learner = _learner(modal.badge_sampling, digits, mlp_class)
+
+    def expected(module, X_pool):
+        return badge(module, _pool_loader(X_pool), N_QUERY, generator=torch.Generator().manual_seed(3),
+                     progress=False).numpy()
+
+    _two_rounds(learner, X[20:], y[20:], expected, seed=3)
+
+
+def test_badge_generator_layer_and_both_return_conventions(digits, mlp_class, monkeypatch):
+    X, y = digits
+    net = _net(mlp_class, criterion=nn.CrossEntropyLoss).fit(X[:30], y[:30])
+    head = net.module_.net[2]
+    want = badge(net.module_, _pool_loader(X[30:]), 5, layer=head, generator=torch.Generator().manual_seed(9),
+                 progress=False).numpy()
+    monkeypatch.setattr(modal, "_strategies_return_metrics", lambda: False)
+    picked = modal.badge_sampling(net, X[30:], n_instances=5, layer=head, generator=torch.Generator().manual_seed(9))
+    np.testing.assert_array_equal(picked, want)
+    monkeypatch.setattr(modal, "_strategies_return_metrics", lambda: True)
+    indices, norms = modal.badge_sampling(net, X[30:], n_instances=5, layer=head)   # seed 0
+    np.testing.assert_array_equal(indices, badge(net.module_, _pool_loader(X[30:]), 5, progress=False,
+                                                 generator=torch.Generator().manual_seed(0)).numpy())
+    assert norms.shape == (5,) and np.all(norms > 0)
+    indices, egl = modal.egl_sampling(net, X[30:], n_instances=4, norm="tensor_sum")
+    assert indices.shape == egl.shape == (4,) and np.all(np.diff(egl) <= 0)

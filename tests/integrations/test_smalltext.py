@@ -11,7 +11,11 @@ from small_text import PoolBasedActiveLearner  # noqa: E402
 from small_text.integrations.pytorch.classifiers import KimCNNFactory  # noqa: E402
 from small_text.integrations.pytorch.datasets import PytorchTextClassificationDataset  # noqa: E402
 
-from gradnorm_engine.integrations.smalltext import GradNormSampling  # noqa: E402
+from small_text.integrations.pytorch.utils.data import dataloader  # noqa: E402
+
+from gradnorm_engine import badge, expected_gradient_length, top_k  # noqa: E402
+from gradnorm_engine.integrations.smalltext import (  # noqa: E402
+    BadgeSampling, ExpectedGradientLengthSampling, GradNormSampling)
 
 VOCAB = 40
 MAX_LEN = 12
@@ -74,7 +78,9 @@ def test_kimcnn_learner_queries_the_largest_gradient_norms():
         learner.update(data.y[picked])
 
 
-def test_transformers_learner_passes_ids_and_mask_by_name(tmp_path):
+def _bert_learner(tmp_path, strategy):
+    """A small-text transformers learner around a small BERT saved to ``tmp_path``, initialised on
+    8 texts. -> (learner, data, rows: (input_ids, attention_mask, label) per text)"""
     transformers = pytest.importorskip("transformers")
     from small_text.integrations.transformers.classifiers import TransformerBasedClassificationFactory
     from small_text.integrations.transformers.classifiers.classification import TransformerModelArguments
@@ -99,10 +105,15 @@ def test_transformers_learner_passes_ids_and_mask_by_name(tmp_path):
     data = TransformersDataset(rows, target_labels=np.array([0, 1]))
     factory = TransformerBasedClassificationFactory(TransformerModelArguments(str(tmp_path)), 2,
                                                     kwargs={"num_epochs": 1, "mini_batch_size": 8, "device": "cpu"})
-    strategy = GradNormSampling(batch_size=5)
     learner = PoolBasedActiveLearner(factory, strategy, data)
     initial = np.arange(8)
     learner.initialize_data(initial, data.y[initial])
+    return learner, data, rows
+
+
+def test_transformers_learner_passes_ids_and_mask_by_name(tmp_path):
+    strategy = GradNormSampling(batch_size=5)
+    learner, data, rows = _bert_learner(tmp_path, strategy)
     clf = learner.classifier
     clf.model.eval()
     unlabeled = np.setdiff1d(np.arange(len(data)), learner.indices_labeled)
@@ -112,6 +123,26 @@ def test_transformers_learner_passes_ids_and_mask_by_name(tmp_path):
     np.testing.assert_allclose(strategy.scores_, want, rtol=1e-4)
 
 
+def test_transformers_learner_with_egl_and_badge(tmp_path):
+    """The transformers classifier's ids and masks reach EGL and BADGE by name; BADGE's layer is
+    the classifier head (the model's last nn.Linear), whose output is the logits."""
+    def batches(rows, unlabeled, size=5):
+        for start in range(0, len(unlabeled), size):
+            chunk = [rows[i] for i in unlabeled[start:start + size]]
+            yield {"input_ids": torch.cat([r[0] for r in chunk]), "attention_mask": torch.cat([r[1] for r in chunk])}
+
+    for strategy in (ExpectedGradientLengthSampling(batch_size=5), BadgeSampling(batch_size=5, seed=2)):
+        learner, data, rows = _bert_learner(tmp_path, strategy)
+        model = learner.classifier.model
+        unlabeled = np.setdiff1d(np.arange(len(data)), learner.indices_labeled)
+        pool = list(batches(rows, unlabeled))
+        if isinstance(strategy, BadgeSampling):
+            want = badge(model, pool, N_QUERY, generator=torch.Generator().manual_seed(2), progress=False)
+        else:
+            want = top_k(expected_gradient_length(model, pool, progress=False), N_QUERY).indices
+        np.testing.assert_array_equal(learner.query(num_samples=N_QUERY), unlabeled[want.numpy()])
+
+
 def test_a_classifier_without_a_model_is_refused():
     class Untrained:
         model = None
@@ -119,3 +150,53 @@ def test_a_classifier_without_a_model_is_refused():
     data = PytorchTextClassificationDataset(texts(5), Vocabulary(), target_labels=np.array([0, 1]))
     with pytest.raises(ValueError, match="holds no torch model"):
         GradNormSampling().query(Untrained(), data, np.arange(5), np.arange(0), np.array([]), n=2)
+
+
+def _kimcnn_learner(strategy):
+    torch.manual_seed(0)
+    data = PytorchTextClassificationDataset(texts(60), Vocabulary(), target_labels=np.array([0, 1]))
+    factory = KimCNNFactory("kimcnn", 2, {"embedding_matrix": torch.randn(VOCAB, 8), "num_epochs": 2,
+                                          "device": "cpu", "kernel_heights": [2, 3], "out_channels": 4,
+                                          "max_seq_len": MAX_LEN, "mini_batch_size": 8})
+    learner = PoolBasedActiveLearner(factory, strategy, data)
+    initial = np.arange(10)
+    learner.initialize_data(initial, data.y[initial])
+    return learner, data
+
+
+def _two_kimcnn_rounds(strategy, expected_positions):
+    """Two query/update rounds of a KimCNN learner; each query must return
+    unlabeled[expected_positions(model, loader of the unlabeled texts)]."""
+    learner, data = _kimcnn_learner(strategy)
+    for _ in range(2):
+        clf = learner.classifier
+        unlabeled = np.setdiff1d(np.arange(len(data)), learner.indices_labeled)
+        loader = dataloader(data[unlabeled].data, 5, clf._create_collate_fn(), train=False)
+        expected = unlabeled[expected_positions(clf.model, loader)]
+        picked = learner.query(num_samples=N_QUERY)
+        np.testing.assert_array_equal(picked, expected)
+        learner.update(data.y[picked])
+    assert len(learner.indices_labeled) == 10 + 2 * N_QUERY
+
+
+def test_kimcnn_learner_queries_the_largest_expected_gradient_lengths():
+    strategy = ExpectedGradientLengthSampling(batch_size=7, top_m=2, norm="tensor_sum")
+
+    def expected(model, loader):
+        egl = expected_gradient_length(model, loader, top_m=2, norm="tensor_sum", progress=False)
+        return top_k(egl, N_QUERY).indices.numpy()
+
+    _two_kimcnn_rounds(strategy, expected)
+    assert strategy.scores_.shape == (60 - 10 - N_QUERY,)
+
+
+def test_kimcnn_learner_queries_badges_picks():
+    strategy = BadgeSampling(seed=4, batch_size=7)
+
+    def expected(model, loader):
+        return badge(model, loader, N_QUERY, generator=torch.Generator().manual_seed(4), progress=False).numpy()
+
+    _two_kimcnn_rounds(strategy, expected)
+    assert strategy.scores_.shape == (N_QUERY,) and (strategy.scores_ > 0).all()   # ||g|| of each pick
+    with pytest.raises(TypeError, match="seed"):
+        BadgeSampling(seed="4")
