@@ -6,5 +6,5 @@ when it is missing (``pip install -e ".[integrations]"``):
     gradnorm_engine.integrations.baal        GradNorm heuristic, gradnorm_loop (ActiveLearningLoop)
     gradnorm_engine.integrations.modal       gradnorm_sampling (modAL query strategy, skorch models)
     gradnorm_engine.integrations.skactiveml  GradNormSampling (scikit-activeml pool strategy)
-    gradnorm_engine.integrations.deepal      GradNormSampling (DeepAL-style Strategy, no import)
+    gradnorm_engine.integrations.deepal      GradNormSampling (DeepAL / DeepAL+ Strategy, no import)
 """
