@@ -181,7 +181,7 @@ def check_not_meta(model: nn.Module) -> None:
 def make_job(model: nn.Module, *, score, params, logits_fn, device, autocast, max_memory,
              options: dict | None = None) -> ScoringJob:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{_wrapped_module_hint(model)}")
     # DistributedDataParallel / DataParallel: score the wrapped module; the wrapper's forward
     # would sync gradients or scatter inputs, which per-sample scoring never wants.
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -201,3 +201,24 @@ def make_job(model: nn.Module, *, score, params, logits_fn, device, autocast, ma
         max_memory=int(max_memory) if max_memory is not None else None,
         options=dict(options or {}),
     )
+
+
+# Where AL libraries' wrappers keep the torch module: DeepAL's and DeepAL+'s Net (.clf), skorch
+# (.module_), baal's ModelWrapper (.model), wrappers in general (.module, .net).
+WRAPPED_MODULE_ATTRS = ("clf", "module_", "model", "module", "net")
+
+
+def _wrapped_module_hint(obj: Any) -> str:
+    """'; ... pass its .clf ...' when ``obj`` holds a torch module at a well-known attribute, else ''."""
+    for attr in WRAPPED_MODULE_ATTRS:
+        try:
+            inner = getattr(obj, attr, None)
+        except Exception:  # noqa: BLE001 - a property that fails: no hint from it
+            continue
+        if isinstance(inner, nn.Module):
+            return f"; it holds one at .{attr}: pass its .{attr}, the torch module it wraps"
+        if attr == "net" and isinstance(inner, type) and issubclass(inner, nn.Module):
+            # DeepAL's Net before training: .net is the class, .clf comes with net.train(data)
+            return ("; it looks like DeepAL's Net before training: it builds its torch module at .clf in "
+                    "net.train(data); train it, then pass net.clf")
+    return ""

@@ -276,6 +276,19 @@ def test_params_and_max_memory_mistakes_name_the_fix():
         score_pool(model, [x], max_memory=float("inf"), progress=False)
 
 
+def test_a_wrapper_passed_as_the_model_points_to_the_module_inside():
+    x = torch.randn(4, 3)
+
+    class ModelWrapper:   # baal's keeps the module at .model, DeepAL's Net at .clf, skorch at .module_
+        def __init__(self):
+            self.model = nn.Linear(3, 2)
+
+    with pytest.raises(TypeError, match=r"got ModelWrapper; it holds one at \.model: pass its \.model"):
+        score_pool(ModelWrapper(), [x], progress=False)
+    with pytest.raises(TypeError, match=r"must be a torch.nn.Module, got object$"):
+        score_pool(object(), [x], progress=False)
+
+
 def test_unknown_names_are_refused():
     model, x = _model("tuple_output_mlp")
     with pytest.raises(ValueError, match="unknown norm"):

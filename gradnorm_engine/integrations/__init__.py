@@ -9,11 +9,11 @@ when it is missing (``pip install -e ".[integrations]"``):
                                              strategies, skorch models)
     gradnorm_engine.integrations.skactiveml  GradNormSampling, EGLSampling, BadgeSampling (scikit-activeml
                                              pool strategies)
-    gradnorm_engine.integrations.deepal      GradNormSampling (DeepAL-style Strategy, no import)
+    gradnorm_engine.integrations.deepal      GradNormSampling, EGLSampling, BadgeSampling (DeepAL /
+                                             DeepAL+ Strategy, no import)
     gradnorm_engine.integrations.smalltext   GradNormSampling, ExpectedGradientLengthSampling, BadgeSampling
                                              (small-text query strategies)
 
-The DeepAL module has EGLSampling and BadgeSampling besides GradNormSampling; every adapter's
-EGL and BADGE strategies: docs/integrations.md, "Expected gradient length and BADGE in every
-adapter".
+Every adapter's EGL and BADGE strategies: docs/integrations.md, "Expected gradient length and
+BADGE in every adapter".
 """
