@@ -19,6 +19,11 @@ class SingleLogitError(ValueError):
     every entropy score would be 0."""
 
 
+class LabelError(ValueError):
+    """The labels a label-aware score reads are not what it takes (cross_entropy: one class index
+    0..C-1 per sample)."""
+
+
 class NonFiniteScoreError(ValueError):
     """Samples got a NaN or infinite score; ``positions`` are their pool positions."""
 

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import SingleLogitError
+from .errors import LabelError, SingleLogitError
 
 ScoreFn = Callable[..., torch.Tensor]   # logits [B, C] (, targets [B]) -> per-sample loss [B]
 
@@ -63,10 +63,38 @@ def pseudo_label_ce(logits: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against each sample's true label (GraNd's score).  [B, C], [B] -> [B]"""
+    """Cross-entropy against each sample's true label (GraNd's score).  [B, C], [B] -> [B]
+
+    The labels must be class indices 0..C-1 (LabelError otherwise: torch's cross_entropy would
+    score a label -100, its ignore_index, 0 without a word). Inside torch.func's transforms (the
+    vmap backend) a sample's label cannot be looked at: that backend checks the chunk's labels
+    first (check_labels).
+    """
     check_classes(logits)
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    return F.cross_entropy(x, targets.to(x.device).long(), reduction="none")
+    targets = targets.to(x.device)
+    if not torch._C._functorch.is_functorch_wrapped_tensor(targets):
+        check_labels(targets, x.shape[-1])
+    return F.cross_entropy(x, targets.long(), reduction="none")
+
+
+def check_labels(targets: torch.Tensor, num_classes: int) -> None:
+    """LabelError unless ``targets`` [B] are class indices 0..num_classes-1 (integers, or whole floats)."""
+    fix = ("drop the samples without a label from the pool (or score them with a label-free score such as "
+           "'entropy'), or give the model one logit per class")
+    if targets.dim() != 1:
+        raise LabelError(f"cross_entropy takes one class index per sample (labels [B]), but the labels have shape "
+                         f"{tuple(targets.shape)}: one-hot or soft labels? Pass their class indices "
+                         "(labels.argmax(dim=1)), or a score=(logits, targets) callable of your own")
+    bad = (targets < 0) | (targets >= num_classes)
+    if targets.is_floating_point():
+        bad |= targets != targets.round()
+    if bool(bad.any()):
+        values = sorted({v for v in targets[bad].tolist()}, key=str)
+        shown = ", ".join(map(str, values[:5])) + (" ..." if len(values) > 5 else "")
+        ignored = " (-100 is torch's ignore_index, which would score those samples 0)" if -100 in values else ""
+        raise LabelError(f"cross_entropy needs labels that are class indices 0..{num_classes - 1} of the model's "
+                         f"{num_classes} logits, but {int(bad.sum())} label(s) are {shown}{ignored}; {fix}")
 
 
 SCORES: dict[str, ScoreFn] = {

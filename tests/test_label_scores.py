@@ -72,3 +72,21 @@ def test_labels_of_another_length_than_the_inputs_are_refused():
     model, x, y = model_and_pool()
     with pytest.raises(ValueError, match="11 inputs but 5 labels"):
         score_pool(model, [(x, y[:5])], score="cross_entropy", progress=False)
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("bad", [-100, -1, 4])
+def test_labels_that_are_not_class_indices_are_refused_in_one_line(backend, bad):
+    """-100 is cross_entropy's ignore_index: it scored 0 silently (the sample ranked last); a label
+    past the logits raised torch's 'Target 4 is out of bounds' or, in vmap, an indexing error."""
+    model, x, y = model_and_pool()
+    y[6] = bad
+    with pytest.raises(ValueError, match=rf"class indices 0\.\.3 of the model's 4 logits.*{bad}") as info:
+        score_pool(model, [(x, y)], score="cross_entropy", backend=backend, progress=False)
+    assert "\n" not in str(info.value) and "label-free score" in str(info.value)
+
+
+def test_one_label_per_sample_is_needed_by_cross_entropy():
+    model, x, y = model_and_pool()
+    with pytest.raises(ValueError, match=r"one class index per sample.*\(11, 4\)"):
+        score_pool(model, [(x, F.one_hot(y, 4).float())], score="cross_entropy", progress=False)

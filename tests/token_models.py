@@ -54,3 +54,28 @@ def pad_collate(items: list[dict], to: int | None = None) -> dict:
         n = len(it["input_ids"])
         ids[row, :n], mask[row, :n] = it["input_ids"], 1
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([it["labels"] for it in items])}
+
+
+class PaddedMean(nn.Module):
+    """forward(input_ids, attention_mask) -> logits [B, 4], averaging over every position, the
+    padding included: a sample's score depends on how far its batch padded it."""
+
+    def __init__(self, dim: int = 8, classes: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(input_ids).mean(dim=1)))
+
+
+def bucketed_batches(pool: TokenPool, sizes: tuple[int, ...] = (4, 2, 5)) -> list[list[int]]:
+    """A length-bucketing batch sampler's batches: the indices sorted by length, cut into batches
+    of the ``sizes`` in turn."""
+    order = sorted(range(len(pool)), key=lambda i: (pool.lengths[i], i))
+    batches, start = [], 0
+    while start < len(order):
+        size = sizes[len(batches) % len(sizes)]
+        batches.append(order[start:start + size])
+        start += size
+    return batches

@@ -14,6 +14,7 @@ from ..inputs import ModelInputs, check_logits, check_loss
 from ..job import Objective
 from ..kernels import per_sample_sumsq
 from ..memory import activation_elems, chunk_budget
+from ..scores import check_labels, cross_entropy
 from .base import Backend
 from .limits import vmap_limit
 
@@ -44,6 +45,7 @@ class VmapBackend(Backend):
         self.names = [n for n, _ in job.params]
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if n not in measured}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
+        self.num_classes: int | None = None   # the logits' width, once labels are checked
         # in_dims 0 for every tensor of the inputs (positional and keyword alike), and for the
         # labels when the score reads them (None where there are none: vmap maps tensors only)
         self.per_sample_grad = {labels: vmap(grad(self._loss_one), in_dims=(None, 0, 0, 0 if labels else None),
@@ -84,8 +86,18 @@ class VmapBackend(Backend):
         limit = MAX_CHUNK.get(job.device.type, MAX_CHUNK["cpu"])
         return max(1, min(limit, chunk_budget(job.device, job.max_memory) // per_sample))
 
+    def check_labels(self, x: ModelInputs) -> None:
+        """The built-in cross_entropy's labels, checked before vmap (inside it they cannot be read)."""
+        if x.targets is None or getattr(self.job.loss_fn, "fn", None) is not cross_entropy:
+            return
+        if self.num_classes is None:
+            with torch.no_grad():
+                self.num_classes = int(self.job.logits(x[:1]).shape[1])
+        check_labels(x.targets, self.num_classes)
+
     def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
         x = ModelInputs.of(x)
+        self.check_labels(x)
         measured = {n: p.detach() for n, p in self.job.params}
         try:
             with self.job.autocast_context():

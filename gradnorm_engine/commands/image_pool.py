@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 
@@ -23,7 +24,7 @@ from torch.utils.data.dataloader import default_collate
 from ..backends import backend_names
 from ..devices import resolve_device
 from ..distributed import DistributedScoringError, broadcast_module, init_from_torchrun
-from ..errors import NonFiniteScoreError, SampleShapeError, SingleLogitError, UsageError
+from ..errors import LabelError, NonFiniteScoreError, SampleShapeError, SingleLogitError, UsageError
 from ..extras import require
 from ..torch_files import load_torch_file
 
@@ -97,22 +98,27 @@ def place_model(model: torch.nn.Module, asked_device: torch.device | None) -> to
 
 
 @contextlib.contextmanager
-def engine_refusals(files: list[str]) -> Iterator[None]:
-    """The engine's refusals of the data or the model as one-line UsageErrors in the command's terms."""
+def engine_refusals(files: list[str], classes: int | None = None) -> Iterator[None]:
+    """The engine's refusals of the data or the model as one-line UsageErrors in the command's terms
+    (``classes``: how many class folders the pool has)."""
     try:
         yield
     except SampleShapeError as err:   # sizes that differ between batches (collate_images: within one)
         raise UsageError(f"the images have different sizes ({err}); pass --image-size N to resize every "
                          "image to N x N") from None
+    except LabelError as err:   # class folders beyond the model's logits (--score cross_entropy)
+        raise class_mismatch(err, classes) from None
     except (SingleLogitError, NonFiniteScoreError) as err:   # the model's outputs cannot be scored
         raise unrankable_outputs(err, files) from None
     except DistributedScoringError as err:   # under torchrun: a rank's data error, reported to all
         # a failure that is the data's or the model's fault, on every rank that failed: one line, exit 2
         if err.failures and len(err.errors) == len(err.failures) and \
-                all(isinstance(e, (UsageError, SampleShapeError, *MODEL_FAULTS)) for e in err.errors.values()):
+                all(isinstance(e, (UsageError, SampleShapeError, LabelError, *MODEL_FAULTS)) for e in err.errors.values()):
             rank, message = next(iter(err.failures.items()))
             if isinstance(err.errors[rank], MODEL_FAULTS):   # its positions count within the rank's block
                 message = str(unrankable_outputs(err.errors[rank], None))
+            elif isinstance(err.errors[rank], LabelError):
+                message = str(class_mismatch(err.errors[rank], classes))
             raise UsageError(f"rank {rank}: {message}") from None
         raise
 
@@ -198,6 +204,16 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
 
 
 MODEL_FAULTS = (SingleLogitError, NonFiniteScoreError)
+
+
+def class_mismatch(err: Exception, classes: int | None) -> UsageError:
+    """cross_entropy's refusal of labels past the model's logits, in the command's terms."""
+    logits = re.search(r"of the model's (\d+) logits", str(err))
+    counts = (f"the folder has {classes} class folders but the model gives {logits.group(1)} logits"
+              if classes is not None and logits else f"the class folders do not fit the model's logits ({err})")
+    return UsageError(f"{counts}, so --score cross_entropy has no logit for some images' class; pass --num-classes "
+                      "with the folder's class count (and a --checkpoint trained on these classes), or score "
+                      "without labels (--score entropy)")
 
 
 def unrankable_outputs(err: Exception, files: list[str] | None) -> UsageError:

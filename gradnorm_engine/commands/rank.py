@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     # Under torchrun every rank scores its own block of the pool; rank 0 writes the CSV.
     device = place_model(model, asked_device)
     names = [name for name, _ in dataset.samples]
-    with engine_refusals(names):
+    with engine_refusals(names, len(dataset.classes)):
         res = rank_unlabeled(model, pool_loader(args, dataset, device), args.k, score=args.score, norm=args.norm,
                              backend=args.backend, device=device, progress=not args.no_progress)
     if not is_main_process():

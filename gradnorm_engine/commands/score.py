@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     names = [name for name, _ in dataset.samples]
     options = dict(score=args.score, backend=args.backend, device=device, params=params,
                    progress=not args.no_progress)
-    with engine_refusals(names):
+    with engine_refusals(names, len(dataset.classes)):
         if args.checkpoints:
             total = None
             for path, lr in checkpoints:

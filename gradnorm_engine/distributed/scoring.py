@@ -22,7 +22,7 @@ from ..scoring import ChunkResult, score_stream
 from .exchange import (DistributedScoringError, RankStatus, ScoredBlock, agree_before_scoring, control_group,
                        exchange_status, gather_scores, gather_top_k, picklable)
 from .fingerprint import content_digest
-from .sharding import check_shardable, loader_order, order_digest, shard_loader
+from .sharding import check_shardable, collates_per_batch, loader_order, order_digest, shard_loader
 
 
 def score_pool_sharded(model: nn.Module, loader: Iterable, options: dict, per_chunk: ChunkResult | None = None,
@@ -67,7 +67,9 @@ def _score_own_block(model: nn.Module, loader: Iterable, options: dict, k=None, 
         check_shardable(loader)
         order = loader_order(loader)
         align = 1 if items_are_batches(loader) else int(checked.chunk_size or 1)
-        block, start, stop = shard_loader(loader, rank, world, order, align=align)
+        # a collate that pads per batch: every rank reads whole batches, padded as on one process
+        block, start, stop = shard_loader(loader, rank, world, order, align=align,
+                                          whole_batches=collates_per_batch(loader))
         shared = {"result": what, "k": k, **checked.digest()}
         agreement = (f"{order_digest(loader, order)}, {content_digest(loader.dataset)}; "
                      + ", ".join(f"{n}={v}" for n, v in shared.items()))

@@ -91,3 +91,14 @@ def test_mistakes_are_one_line_and_exit_2(tmp_path, capsys, extra, words):
     assert main(["score", SPEC, "--data", str(folder), "--no-progress", "--out", str(tmp_path / "s.csv"), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+
+
+def test_classes_beyond_the_models_logits_are_one_line_and_exit_2(tmp_path, capsys):
+    """A folder of 3 classes scored by a 2-logit model against its labels: torch's 'Target 2 is out of
+    bounds' traceback before; now one line naming the counts and --num-classes."""
+    folder = make_folder(tmp_path / "pool", classes=("cat", "dog", "emu"))
+    torch.save(tiny_model().state_dict(), tmp_path / "m.pt")
+    assert main(["score", SPEC, "--data", str(folder), "--num-classes", "2", "--score", "cross_entropy",
+                 "--checkpoint", str(tmp_path / "m.pt"), "--no-progress", "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 class folders" in err[0] and "2 logits" in err[0] and "--num-classes" in err[0], err

@@ -22,7 +22,7 @@ from gradnorm_engine import per_parameter_sqnorms, rank_unlabeled, score_pool, t
 from gradnorm_engine.distributed import (DistributedScoringError, broadcast_module, is_main_process, loader_order,
                                          shard_bounds, shard_loader, use_sharding)
 from gradnorm_engine.ranking import merge_top_k
-from tests.token_models import MaskedBag, TokenPool, pad_collate
+from tests.token_models import MaskedBag, PaddedMean, TokenPool, bucketed_batches, pad_collate
 
 N = 23           # pool size, divisible by neither 2 nor 3
 K = 15           # more than one rank's block (12 of 23 on 2 ranks, 8 on 3)
@@ -141,6 +141,22 @@ def token_model() -> nn.Module:
 
 def token_loader() -> DataLoader:
     return DataLoader(TokenPool(n=N), batch_size=4, collate_fn=pad_collate)
+
+
+def padded_mean_model() -> nn.Module:
+    torch.manual_seed(0)
+    return PaddedMean()
+
+
+def padded_loader(batch_size: int = 5) -> DataLoader:
+    """Batches padded to their longest sample, of a size that no rank's block start is a multiple of."""
+    return DataLoader(TokenPool(n=N), batch_size=batch_size, collate_fn=pad_collate)
+
+
+def bucketed_loader() -> DataLoader:
+    """A length-bucketing batch sampler with the padding collate: each batch padded to its own longest."""
+    pool = TokenPool(n=N)
+    return DataLoader(pool, batch_sampler=bucketed_batches(pool), collate_fn=pad_collate)
 
 
 def rank_tuple(res) -> tuple:
@@ -289,6 +305,10 @@ def run_checks(outdir: str) -> dict:
                                                          progress=False)),
         "per_parameter": lambda: per_parameter_sqnorms(model, pool_loader(), group="module", chunk_size=5,
                                                        progress=False),
+        # a model that reads its padding: every rank must batch its samples as one process does
+        "padding_read": lambda: score_pool(padded_mean_model(), padded_loader(), chunk_size=1, progress=False),
+        "padding_bucketed": lambda: score_pool(padded_mean_model(), bucketed_loader(), chunk_size=1,
+                                               progress=False),
         "main_unpicklable": main_process_unpicklable,
         "bad_backend": lambda: score_pool(model, pool_loader(), backend="nope", progress=False),
     }
@@ -379,6 +399,8 @@ def reference() -> dict:
         "aligned_chunks": score_pool(model, pool_loader(), chunk_size=5, progress=False),
         "multi_input": score_pool(token_model(), token_loader(), chunk_size=2, progress=False),
         "per_parameter": per_parameter_sqnorms(model, pool_loader(), group="module", chunk_size=5, progress=False),
+        "padding_read": score_pool(padded_mean_model(), padded_loader(), chunk_size=1, progress=False),
+        "padding_bucketed": score_pool(padded_mean_model(), bucketed_loader(), chunk_size=1, progress=False),
         "tiny_pool": (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), chunk_size=1, progress=False),
                       rank_tuple(rank_unlabeled(model, DataLoader(make_inputs()[:2]), 2, chunk_size=1,
                                                 progress=False))),
@@ -424,14 +446,25 @@ def test_every_rank_returns_the_single_process_answer(ranks, reference, check):
 
 
 def test_a_padded_pool_of_several_inputs_is_ranked_as_on_one_process(ranks, reference):
-    """Mapping batches (ids + mask) padded per batch: a rank's block is batched from its own start,
-    so its padding differs from one process's; the scores agree to rounding, the ranking exactly."""
+    """Mapping batches (ids + mask) padded per batch: every rank reads whole batches of the loader, so
+    the padding is one process's; the chunks may differ (a chunk ends where shapes change), so the
+    scores agree to rounding, the ranking exactly."""
     want = reference["multi_input"]
     order = torch.argsort(want, descending=True, stable=True)[:6]
     for r, results in enumerate(ranks):
         indices, scores, pool_size, _, _ = results["multi_input"]
         assert pool_size == want.numel() and torch.equal(indices, order), f"rank {r}"
         torch.testing.assert_close(scores, want[order], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("check", ["padding_read", "padding_bucketed"])
+def test_a_model_reading_its_padding_scores_as_on_one_process(ranks, reference, check):
+    """A collate that pads each batch to its longest sample: a sample's inputs depend on its batch, so
+    every rank must read whole batches of the single-process loader (plain or a custom batch sampler),
+    not re-batch its block from wherever the block starts."""
+    want = reference[check]
+    for r, results in enumerate(ranks):
+        assert_same(results[check], want, f"rank {r} of {len(ranks)}, {check}")
 
 
 def test_ties_across_blocks_break_by_lower_position(ranks, reference):
@@ -608,6 +641,21 @@ def test_shard_loader_keeps_the_loader_settings():
     assert list(block.sampler) == list(range(8, 16))
     assert (block.batch_size, block.collate_fn, block.num_workers, block.prefetch_factor, block.timeout,
             block.persistent_workers, block.dataset) == (5, collate, 2, 3, 7, True, loader.dataset)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7, 30])
+@pytest.mark.parametrize("make", [padded_loader, bucketed_loader])
+def test_whole_batch_blocks_are_the_loaders_batches_in_order(make, world):
+    loader = make()
+    want = [list(b) for b in loader.batch_sampler]
+    got, stop = [], 0
+    for rank in range(world):
+        block, start, end = shard_loader(loader, rank, world, whole_batches=True)
+        batches = [list(b) for b in block.batch_sampler]
+        assert start == stop and end - start == sum(map(len, batches)), (rank, start, end)
+        got += batches
+        stop = end
+    assert got == want and stop == N
 
 
 def test_shard_loader_follows_custom_orders():
