@@ -80,7 +80,24 @@ class RulePass:
     def run(self, x: ModelInputs, objective: Objective | None = None) -> tuple[torch.Tensor, dict[int, str]]:
         """Squared norms [B, K, P] for the K losses of ``objective`` (the job's loss: K = 1), from
         one forward and one backward per loss, in the columns the rules score, zero elsewhere;
-        and {id(parameter): reason} for the measured parameters that need the fallback."""
+        and {id(parameter): reason} for the measured parameters that need the fallback.
+
+        A single sample runs as two copies of itself (row 0 is returned): with B = 1 every dim
+        of every tensor could hold the batch, so the layout tracker's reshapes pick one each and
+        later ops find their operands disagreeing (nn.MultiheadAttention's head split, a ViT's
+        attention), which would send every parameter behind them to the fallback. The sample
+        first runs alone, without a graph, so that a model that cannot (one that squeezes the
+        batch dim away) raises as it would in the other backends."""
+        if self.batch == 1 and len(x) == 1:
+            with torch.no_grad():
+                self.job.objective_losses(x, objective)
+            self.batch = 2
+            try:
+                out, reasons = self.run(ModelInputs.cat([x, x]), objective)
+            finally:
+                self.batch = 1
+            self.weights = None if self.weights is None else self.weights[:1]
+            return out[:1], reasons
         job = self.job
         measured = {id(p): p for _, p in job.params}
         recorder = Recorder(self.batch, measured, x.tensors(), layer_norm_statistics=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .forms import weight_sqnorm
+from .layout import Unknown
 from .ops import OpCall, OpRule, per_sample_result
 from .registry import accum_dtype
 
@@ -29,9 +30,19 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 def is_unrollable(name: str, args: tuple) -> bool:
-    """Whether a call of ``torch.<name>`` is the padded-tensor form the unrolling takes:
-    (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)."""
-    return name in KINDS and len(args) == 9 and isinstance(args[2], (list, tuple)) and isinstance(args[3], bool)
+    """Whether a call of ``torch.<name>`` is one ``unrolled`` takes: the padded-tensor form it
+    unrolls, (input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+    batch_first), or the PackedSequence form, whose parameters it sends to the fallback, naming why."""
+    return name in KINDS and len(args) == 9 and (_is_padded(args) or _is_packed(args))
+
+
+def _is_padded(args: tuple) -> bool:
+    return isinstance(args[2], (list, tuple)) and isinstance(args[3], bool)
+
+
+def _is_packed(args: tuple) -> bool:
+    """(data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)."""
+    return isinstance(args[3], (list, tuple)) and isinstance(args[4], bool)
 
 
 def rnn_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
@@ -58,11 +69,23 @@ RNN_RULE = OpRule(rnn_op, form=lambda c, slot: f"linear forms over the {c.args[0
                   else "sum over the steps")
 
 
-def unrolled(recording, kind: str, input, hx, params, has_biases: bool, num_layers: int, dropout: float,
-             train: bool, bidirectional: bool, batch_first: bool):
-    """The result of torch.<kind>(...) computed step by step, with one recorded call per layer
+def unrolled(recording, kind: str, *args):
+    """The result of torch.<kind>(*args) computed step by step, with one recorded call per layer
     and direction. ``recording`` is the recorder (backends/recording.py): it gives layouts and
     parameter marks, takes the calls, and runs the fused kernel where this cannot."""
+    if _is_packed(args):
+        # a PackedSequence: the samples are interleaved along the data's rows, step by step
+        recording.fail(args[3], f"{kind}: a PackedSequence input (the unrolling takes padded tensors)")
+        out = getattr(torch, kind)(*args)
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                recording.set_layout(o, Unknown(kind, "a PackedSequence's rows interleave the samples"))
+        return out
+    return _unrolled_padded(recording, kind, *args)
+
+
+def _unrolled_padded(recording, kind: str, input, hx, params, has_biases: bool, num_layers: int, dropout: float,
+                     train: bool, bidirectional: bool, batch_first: bool):
     batch_dim = 0 if batch_first else 1
     directions = 2 if bidirectional else 1
     per_layer = 4 if has_biases else 2
