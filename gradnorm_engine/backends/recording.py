@@ -138,6 +138,7 @@ class Recorder(TorchFunctionMode):
         self.in_modules: dict[int, list] = {}   # id(parameter) -> the ModuleCalls that scored it
         self.failed: dict[int, str] = {}        # id (parameter or derived) -> why no rule can score it
         self.suspended: dict[int, int] = {}     # id(parameter) -> depth inside an opaque module
+        self.mixing: dict = {}                  # autograd node of a tensor whose sample layout was lost -> Unknown
         self.layer_norm_statistics = layer_norm_statistics
         self.on_grad = None                     # set by the rules' pass for the backward
         self._hooks: list[_Hook] = []
@@ -156,6 +157,10 @@ class Recorder(TorchFunctionMode):
             t.__dict__.pop(MARK, None)
         else:
             t.__dict__[MARK] = (self.token, lay)
+            if lay.__class__ is Unknown and t.grad_fn is not None:
+                # a gradient through here may carry one sample's loss to another's activations:
+                # nothing recorded below it may be scored by its rule (backends/coverage.py)
+                self.mixing.setdefault(t.grad_fn, lay)
 
     def is_pin(self, t: torch.Tensor) -> bool:
         """A measured parameter (outside an opaque module's own forward) or a derived tensor."""
@@ -427,4 +432,5 @@ class Recorder(TorchFunctionMode):
         self.derived.clear()
         self.check.clear()
         self.derivations.clear()
+        self.mixing.clear()
         self.on_grad = None

@@ -388,6 +388,44 @@ def _embedding(op: _Op):
     return lay                                # [*ids, d]: the ids' dims, one feature dim appended
 
 
+def _unreduced(op: _Op) -> bool:
+    return op.kwargs.get("reduction") == "none" and op.kwargs.get("size_average") is None \
+        and op.kwargs.get("reduce") is None
+
+
+def _class_loss(op: _Op):
+    """cross_entropy / nll_loss with reduction="none": input [N, C, *d], target [N, *d] (or
+    probabilities [N, C, *d]) -> [N, *d]; one loss per row of the input and target."""
+    if not _unreduced(op):
+        return op.unknown("reduces over the batch")
+    x, target = op.arg(0, "input"), op.arg(1, "target")
+    found = set()
+    for t, lay in op.batched:
+        if t is x:
+            if x.dim() < 2 or lay[0] == 1:
+                return op.unknown("the batch is the class dim")
+            found.add((lay[0] - (1 if lay[0] > 1 else 0), lay[1]))
+        elif t is target:
+            if target.dim() == x.dim():                    # class probabilities, laid out as the input
+                if lay[0] == 1:
+                    return op.unknown("the batch is the class dim")
+                found.add((lay[0] - (1 if lay[0] > 1 else 0), lay[1]))
+            else:
+                found.add(lay)
+        else:
+            return op.unknown("a class weight is batched")
+    if len(found) != 1:
+        return op.unknown("input and target disagree on where the samples are")
+    return found.pop()
+
+
+def _pointwise_loss(op: _Op):
+    """Elementwise losses with reduction="none" (mse, l1, binary cross-entropy, ...)."""
+    if not _unreduced(op):
+        return op.unknown("reduces over the batch")
+    return op.agree()
+
+
 def _one_hot(op: _Op):
     return op.lay if op.lay is not None else op.agree()
 
@@ -648,6 +686,11 @@ HANDLERS.update({
     "__getitem__": _getitem, "select": _select, "narrow": _select, "roll": _roll, "pad": _pad,
     "repeat": _repeat, "tile": _repeat, "gather": _gather, "Tensor.unfold": _unfold_window,
     "cat": _cat, "concat": _cat, "concatenate": _cat, "stack": _cat,
+    "cross_entropy": _class_loss, "nll_loss": _class_loss,
+    "mse_loss": _pointwise_loss, "l1_loss": _pointwise_loss, "smooth_l1_loss": _pointwise_loss,
+    "huber_loss": _pointwise_loss, "binary_cross_entropy": _pointwise_loss,
+    "binary_cross_entropy_with_logits": _pointwise_loss, "kl_div": _pointwise_loss,
+    "soft_margin_loss": _pointwise_loss,
     "embedding": _embedding, "one_hot": _one_hot, "einsum": _einsum,
     "linear": _linear, "layer_norm": _normalise_trailing, "rms_norm": _normalise_trailing,
     "scaled_dot_product_attention": _attention, "tril": _attention, "triu": _attention, "tril_": _attention,
