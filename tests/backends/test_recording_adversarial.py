@@ -145,3 +145,109 @@ def test_parameters_used_after_the_mixing_op_also_go():
     engine = assert_exact(model, torch.randn(B, 4, dtype=torch.float64))
     assert set(engine.last_fallback) == {"a.weight", "a.bias", "b.weight", "b.bias"}
     assert "mixes samples" in engine.last_reasons["a.weight"]
+
+
+class CopiesIntoASlice(nn.Module):
+    """h[:1].copy_(2 * h[-1:]): the write goes through a view of the batch dim that is already
+    Unknown (a slice of the batch), into h, which `b` then reads as if each row were its sample's."""
+
+    def __init__(self, write):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+        self.write = write
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)).clone()
+        self.write(h)
+        return self.b(h)
+
+
+WRITES_INTO_BATCH_SLICES = {
+    "copy_ of another row into a slice": lambda h: h[:1].copy_(h[-1:] * 2),
+    "mul_ of a slice of the batch": lambda h: h[1:].mul_(2),
+    "in-place add into a slice of the batch": lambda h: h[1:].add_(h[:-1].clone()),
+    "a constant into a slice of the batch": lambda h: h.__setitem__(slice(1, None), 0.5),
+    "a constant into a slice of a slice": lambda h: h[1:].__setitem__((slice(None), 0), 0.5),
+    "fill_ of a slice of the batch": lambda h: h[1:].fill_(0.5),
+    "zero_ of one sample": lambda h: h[0].zero_() if len(h) > 1 else None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(WRITES_INTO_BATCH_SLICES))
+def test_writes_into_a_slice_of_the_batch_lose_the_layout(name):
+    """The batched forward treats rows by their position in the batch, which a sample alone does not."""
+    torch.manual_seed(0)
+    model = CopiesIntoASlice(WRITES_INTO_BATCH_SLICES[name]).double()
+    engine = assert_exact(model, torch.randn(B, 4, dtype=torch.float64))
+    assert {"b.weight", "b.bias"} <= set(engine.last_fallback)
+
+
+def _stale_view(write):
+    def mix(h, x):
+        h = h.clone()
+        view = h.view(len(h), 2, 3)               # made before the write: its layout says (0, 1)
+        write(h)
+        return view.reshape(len(h), 6)
+    return mix
+
+
+STALE_VIEWS = {
+    "zero_ of a slice of the batch through another view": lambda h: h.view(len(h), 2, 3)[1:].zero_(),
+    "a constant into a slice of the batch": lambda h: h.__setitem__(slice(1, None), 0.5),
+    "mul_ of a slice of the batch": lambda h: h[1:].mul_(3),
+    "mul_ through a transposed view": lambda h: h.t()[:, 1:].mul_(3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STALE_VIEWS))
+def test_a_view_made_before_a_write_into_its_memory_loses_its_layout(name):
+    """`b` reads a view of h made before h's rows were treated by their position in the batch."""
+    torch.manual_seed(0)
+    model = TwoLayers(_stale_view(STALE_VIEWS[name])).double()
+    engine = assert_exact(model, torch.randn(B, 4, dtype=torch.float64))
+    assert {"b.weight", "b.bias"} <= set(engine.last_fallback)
+
+
+class FeatureWrites(nn.Module):
+    """Writes that keep each sample's row its own (a feature slice, an in-place activation, a
+    sibling view scaled in place): the rules keep every parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)).clone()
+        q, k = h.view(len(h), 2, 3)[:, 0], h.view(len(h), 2, 3)[:, 1]
+        q.mul_(2)                                  # a sibling view written: k's memory is h's too
+        h[:, :2] = 0.5
+        torch.relu_(h[:, 4:])
+        return self.b(torch.cat([k, h[:, 3:]], 1))
+
+
+def test_writes_that_keep_the_samples_apart_keep_the_rules():
+    torch.manual_seed(0)
+    engine = assert_exact(FeatureWrites().double(), torch.randn(B, 4, dtype=torch.float64))
+    assert engine.last_fallback == ()
+
+
+class OffsetFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.randn(4))
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):                          # (x + offset saves no inference tensor for backward)
+        return self.b(torch.tanh(x + self.offset))
+
+
+def test_inputs_made_in_inference_mode():
+    """Inference tensors have no version counter: the recording reads their layout all the same."""
+    torch.manual_seed(0)
+    model = OffsetFirst().double()
+    with torch.inference_mode():
+        x = torch.randn(B, 4, dtype=torch.float64)
+    engine = assert_exact(model, x)
+    assert engine.last_fallback == ()
