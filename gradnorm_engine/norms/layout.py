@@ -300,6 +300,18 @@ def _along_dim(pos: int, default, name: str = "dim"):
     return handler
 
 
+def _index_select(op: _Op):
+    """index_select(x, dim, index): along a non-batch dim of a batched x, or a batch-free x (a table)
+    looked up with batched ids [N]: the output's dim ``dim`` holds the ids' samples."""
+    index = op.arg(2, "index")
+    i_lay = op.layout_of(index)
+    if i_lay is None:
+        return _ALONG_INDEX_SELECT(op)
+    if op.lay is not None or index.dim() != 1:
+        return op.unknown("input and index both batched")
+    return (_dim(op.arg(1, "dim"), op.main.dim()), i_lay[1])
+
+
 def _select(op: _Op):
     if op.lay is None:
         return op.agree()
@@ -355,8 +367,8 @@ def _gather(op: _Op):
     ref = op.main if x_lay is not None else index
     lay = x_lay if x_lay is not None else i_lay
     d = _dim(op.arg(1, "dim"), ref.dim())
-    if d == lay[0]:
-        return op.unknown("gathers along the batch dim")
+    if x_lay is not None and d == x_lay[0]:
+        return op.unknown("gathers along the batch dim")   # (a batch-free table gathered by batched ids is fine)
     if x_lay is not None and i_lay is not None and x_lay != i_lay:
         return op.unknown("input and index disagree on where the samples are")
     if op.out.shape[lay[0]] != ref.shape[lay[0]]:
@@ -681,6 +693,8 @@ HANDLERS.update({n: _reduction for n in REDUCTIONS})
 HANDLERS.update({n: _batch_first for n in BATCH_FIRST})
 HANDLERS.update({n: _along_dim(*spec) for n, spec in ALONG_DIM.items()})
 HANDLERS.update({n: _matmul(*spec) for n, spec in MATMULS.items()})
+_ALONG_INDEX_SELECT = HANDLERS["index_select"]
+HANDLERS["index_select"] = _index_select
 HANDLERS.update({
     "unsqueeze": _squeeze, "unsqueeze_": _squeeze, "squeeze": _squeeze, "squeeze_": _squeeze,
     "__getitem__": _getitem, "select": _select, "narrow": _select, "roll": _roll, "pad": _pad,

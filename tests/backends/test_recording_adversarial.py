@@ -251,3 +251,33 @@ def test_inputs_made_in_inference_mode():
         x = torch.randn(B, 4, dtype=torch.float64)
     engine = assert_exact(model, x)
     assert engine.last_fallback == ()
+
+
+class LooksUpATable(nn.Module):
+    """A parameter table [6, 6] read with each sample's ids: gather, index_select, indexing."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 3)
+        self.table = nn.Parameter(torch.randn(6, 6))
+        self.how = how
+
+    def forward(self, x):
+        ids = (x[:, 0].abs() * 3).long().clamp(0, 5)                  # [B]
+        return self.b(torch.tanh(self.a(x)) * self.how(self.table, ids))
+
+
+TABLE_LOOKUPS = {
+    "gather": lambda table, ids: table.gather(0, ids[:, None].expand(-1, 6)),
+    "index_select": lambda table, ids: table.index_select(0, ids),
+    "indexing": lambda table, ids: table[ids],
+}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_LOOKUPS))
+def test_a_table_looked_up_with_each_samples_ids_keeps_the_rules(name):
+    """The lookup keeps each sample's row its own: nothing below it needs the fallback."""
+    torch.manual_seed(0)
+    engine = assert_exact(LooksUpATable(TABLE_LOOKUPS[name]).double(), torch.randn(B, 4, dtype=torch.float64))
+    assert engine.last_fallback == ()
