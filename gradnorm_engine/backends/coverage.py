@@ -14,7 +14,10 @@ way it reaches the loss runs through a recorded use:
   use the recording did not see (C++ internals, a custom autograd.Function, TorchScript, a tensor
   nested two lists deep in an op's arguments);
 * count: the graph's uses of the parameter (graph.Graph.uses, which sees through casts) are no
-  more than the recorded ones, so no unseen use hides behind a recorded one.
+  more than the recorded ones, so no unseen use hides behind a recorded one;
+* no mixing below the loss: no recorded use's output reaches the loss through a tensor whose
+  sample layout was lost (``Recorder.mixing``): h - h.mean(0), h.sort(0), h @ h.T, a write of
+  another sample's row; the gradient a rule reads there holds several samples' losses.
 
 Every parameter behind a failed derived tensor fails with it. Then
 
@@ -64,7 +67,10 @@ class Coverage:
                                     f"{recorder.uses.get(pid, 0)}: a use it did not see")
 
         derived_failed: dict[int, str] = {}
+        self._mixed_below(graph, recorder, measured, derived_failed)
         for did, tensor in recorder.derived.items():
+            if did in derived_failed:
+                continue
             if did in recorder.failed:
                 derived_failed[did] = recorder.failed[did]
                 continue
@@ -101,6 +107,27 @@ class Coverage:
         above = graph.above(nodes)
         self.edges = [c.edge for c in active if c.edge.node not in above]
         self.calls = active
+
+    def _mixed_below(self, graph: Graph, recorder: Recorder, measured: dict, derived_failed: dict) -> None:
+        """Fail every parameter (and derived tensor) of a recorded use whose output reaches the loss
+        through a tensor whose sample layout was lost (``recorder.mixing``: a mean, sort or matmul
+        over the batch, a write of another sample's values): the gradient the rule would read there
+        mixes several samples' losses. The loop scores each sample alone; the fallback does too."""
+        mixing = [node for node in recorder.mixing if node in graph]
+        if not mixing:
+            return
+        below = graph.below(mixing)
+        reason = (f"its output reaches the loss through {recorder.mixing[mixing[0]].describe()}, where the sample "
+                  "layout is lost: the gradient there mixes samples")
+        for node, ids in recorder.check.items():
+            if node not in below:
+                continue
+            for i in ids:
+                if i in measured:
+                    if i in graph.leaf_nodes:
+                        self.failed.setdefault(i, reason)
+                elif i in recorder.derived:
+                    derived_failed.setdefault(i, reason)
 
     def active(self, call) -> bool:
         """Whether a call scores anything: a parameter, or a derived tensor, that has not failed."""

@@ -4,6 +4,7 @@
     graph.leaf_nodes[id(param)]         # the AccumulateGrad node of each parameter the loss reaches
     graph.uses(hooked)[id(param)]       # how many times the forward used each parameter
     graph.above(candidates)             # the candidates with another candidate below them
+    graph.below(nodes)                  # the nodes and every node under them
 
     uses, reachable, above_another = graph_facts(loss.grad_fn, hooked_nodes, candidate_nodes)
 """
@@ -65,6 +66,17 @@ class Graph:
             return through[node]
 
         return {i: sum(count(p) for p in self.parents[node]) for i, node in self.leaf_nodes.items()}
+
+    def below(self, nodes) -> set:
+        """``nodes`` and every node under them (towards the leaves): those whose gradient passes one of them."""
+        seen = set(nodes)
+        stack = list(seen)
+        while stack:
+            for kid in self.children[stack.pop()]:
+                if kid not in seen:
+                    seen.add(kid)
+                    stack.append(kid)
+        return seen
 
     def above(self, candidates) -> set:
         """The ``candidates`` with another candidate somewhere below them."""

@@ -79,6 +79,14 @@ def op_name(func) -> str:
     return name
 
 
+def _version(t: torch.Tensor):
+    """The version counter of ``t`` (bumped by every in-place write into its memory, through any view)."""
+    try:
+        return t._version
+    except RuntimeError:        # an inference tensor: no counter, and no in-place write outside inference mode
+        return None
+
+
 def _unchecked(f):
     """A copy of ``f`` whose ``has_torch_function`` checks are False: the mode then sees its body."""
     env = dict(f.__globals__)
@@ -138,6 +146,8 @@ class Recorder(TorchFunctionMode):
         self.in_modules: dict[int, list] = {}   # id(parameter) -> the ModuleCalls that scored it
         self.failed: dict[int, str] = {}        # id (parameter or derived) -> why no rule can score it
         self.suspended: dict[int, int] = {}     # id(parameter) -> depth inside an opaque module
+        self.mixing: dict = {}                  # autograd node of a tensor whose sample layout was lost -> Unknown
+        self.lost_memory: dict = {}             # id(base) -> (base, op): a write lost the samples in its memory
         self.layer_norm_statistics = layer_norm_statistics
         self.on_grad = None                     # set by the rules' pass for the backward
         self._hooks: list[_Hook] = []
@@ -149,13 +159,31 @@ class Recorder(TorchFunctionMode):
     # ------------------------------------------------------------------ marks
     def layout(self, t: torch.Tensor):
         mark = t.__dict__.get(MARK)
-        return mark[1] if mark is not None and mark[0] is self.token else None
+        if mark is None or mark[0] is not self.token:
+            return None
+        if mark[2] != _version(t):              # its memory was written since: through another view?
+            return self._rewritten(t, mark[1])
+        return mark[1]
+
+    def _rewritten(self, t: torch.Tensor, lay):
+        """The layout of ``t`` after a write into memory it shares: Unknown when a write that lost the
+        samples went into that memory (a view made before ``base[1:] = 0`` or ``base[:1].copy_(...)``
+        holds what its layout no longer says), else its own."""
+        root = t._base if t._base is not None else t
+        if id(root) in self.lost_memory and not is_unknown(lay):
+            lay = Unknown(self.lost_memory[id(root)][1], "memory it shares with another tensor was written in place")
+        self.set_layout(t, lay)
+        return lay
 
     def set_layout(self, t: torch.Tensor, lay) -> None:
         if lay is None:
             t.__dict__.pop(MARK, None)
         else:
-            t.__dict__[MARK] = (self.token, lay)
+            t.__dict__[MARK] = (self.token, lay, _version(t))
+            if lay.__class__ is Unknown and t.grad_fn is not None:
+                # a gradient through here may carry one sample's loss to another's activations:
+                # nothing recorded below it may be scored by its rule (backends/coverage.py)
+                self.mixing.setdefault(t.grad_fn, lay)
 
     def is_pin(self, t: torch.Tensor) -> bool:
         """A measured parameter (outside an opaque module's own forward) or a derived tensor."""
@@ -271,19 +299,29 @@ class Recorder(TorchFunctionMode):
             indices = args[1] if isinstance(args[1], tuple) else (args[1],)
             if value_lay is None and not any(isinstance(i, torch.Tensor) and self.layout(i) is not None
                                              for i in indices):
-                return before                   # constants written into a tensor never mix samples
+                if before is None:
+                    return None                 # constants written into a batch-free tensor
+                value = value_lay = None        # constants: fine where the region holds every sample alike
             after = self._region_agrees(target, args[1], before, value, value_lay)
         else:
             after = out_lay
-        if after != before:
+        # an Unknown ``after`` is written too when it equals ``before``: a write through a view whose
+        # samples were already lost (h[1:].mul_(2), h[:1].copy_(h[-1:])) treats rows by their
+        # position in the batch, which a sample alone never sees
+        if after != before or is_unknown(after):
             # a batch-free tensor filled from batched data takes their layout (a mask built from
             # zeros_like(mask).masked_fill_(mask, -inf)); a batched one written with other samples'
             # data, or a view whose base now holds both, loses it
             if before is not None or is_unknown(after):
                 after = after if is_unknown(after) else Unknown(name, "writes other samples' data in place")
             self.set_layout(target, after)
+            root = target._base
             if target._base is not None:
-                self.set_layout(target._base, Unknown(name, "a view of it was written in place"))
+                self.set_layout(root, Unknown(name, "a view of it was written in place"))
+            else:
+                root = target
+            if is_unknown(after):
+                self.lost_memory.setdefault(id(root), (root, name))    # and every other view of it
         return after
 
     def _region_agrees(self, target, index, before, value, value_lay):
@@ -296,7 +334,7 @@ class Recorder(TorchFunctionMode):
         batched += [(i, self.layout(i)) for i in indices if isinstance(i, torch.Tensor) and self.layout(i) is not None]
         region_lay = propagate("__getitem__", (target, index), {}, batched, region, self.batch)
         if is_unknown(region_lay):
-            return region_lay
+            return Unknown("__setitem__", f"writes a region that is not every sample's alike ({region_lay.why})")
         if value_lay is not None:
             aligned = propagate("expand_as", (value, region), {}, [(value, value_lay)], region, self.batch)
             if aligned != region_lay:
@@ -427,4 +465,6 @@ class Recorder(TorchFunctionMode):
         self.derived.clear()
         self.check.clear()
         self.derivations.clear()
+        self.mixing.clear()
+        self.lost_memory.clear()
         self.on_grad = None

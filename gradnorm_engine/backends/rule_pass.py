@@ -30,6 +30,7 @@ from ..inputs import ModelInputs
 from ..job import Objective, ScoringJob
 from ..memory import is_out_of_memory
 from ..norms import BUILT_IN_RULES, NORM_RULES, NormRule, check_rule_result, find_norm_rule, rule_name
+from ..norms.layout import Unknown, is_unknown
 from ..norms.ops import describe_form
 from .coverage import Coverage, derived_vjp
 from .recording import ModuleCall, Recorder
@@ -113,6 +114,10 @@ class RulePass:
                               device=x.device)
             if not losses.requires_grad:
                 return out, {}   # no measured parameter reaches the losses: every norm is 0
+            lay = recorder.layout(losses)
+            if lay != (0, 1) and losses.grad_fn is not None:   # row b is not sample b's alone
+                recorder.mixing.setdefault(losses.grad_fn, lay if is_unknown(lay) else Unknown(
+                    "the losses", "their rows are not the samples"))
             self.coverage = coverage = Coverage(losses.sum().grad_fn, recorder, measured)
             self.failed = dict(coverage.failed)
             self.per_sample_entries = _per_sample_entries(coverage, recorder)

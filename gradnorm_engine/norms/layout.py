@@ -300,6 +300,18 @@ def _along_dim(pos: int, default, name: str = "dim"):
     return handler
 
 
+def _index_select(op: _Op):
+    """index_select(x, dim, index): along a non-batch dim of a batched x, or a batch-free x (a table)
+    looked up with batched ids [N]: the output's dim ``dim`` holds the ids' samples."""
+    index = op.arg(2, "index")
+    i_lay = op.layout_of(index)
+    if i_lay is None:
+        return _ALONG_INDEX_SELECT(op)
+    if op.lay is not None or index.dim() != 1:
+        return op.unknown("input and index both batched")
+    return (_dim(op.arg(1, "dim"), op.main.dim()), i_lay[1])
+
+
 def _select(op: _Op):
     if op.lay is None:
         return op.agree()
@@ -355,8 +367,8 @@ def _gather(op: _Op):
     ref = op.main if x_lay is not None else index
     lay = x_lay if x_lay is not None else i_lay
     d = _dim(op.arg(1, "dim"), ref.dim())
-    if d == lay[0]:
-        return op.unknown("gathers along the batch dim")
+    if x_lay is not None and d == x_lay[0]:
+        return op.unknown("gathers along the batch dim")   # (a batch-free table gathered by batched ids is fine)
     if x_lay is not None and i_lay is not None and x_lay != i_lay:
         return op.unknown("input and index disagree on where the samples are")
     if op.out.shape[lay[0]] != ref.shape[lay[0]]:
@@ -386,6 +398,44 @@ def _embedding(op: _Op):
     if lay is None or op.layout_of(op.arg(1, "weight")) is not None:
         return op.unknown("the table is batched")
     return lay                                # [*ids, d]: the ids' dims, one feature dim appended
+
+
+def _unreduced(op: _Op) -> bool:
+    return op.kwargs.get("reduction") == "none" and op.kwargs.get("size_average") is None \
+        and op.kwargs.get("reduce") is None
+
+
+def _class_loss(op: _Op):
+    """cross_entropy / nll_loss with reduction="none": input [N, C, *d], target [N, *d] (or
+    probabilities [N, C, *d]) -> [N, *d]; one loss per row of the input and target."""
+    if not _unreduced(op):
+        return op.unknown("reduces over the batch")
+    x, target = op.arg(0, "input"), op.arg(1, "target")
+    found = set()
+    for t, lay in op.batched:
+        if t is x:
+            if x.dim() < 2 or lay[0] == 1:
+                return op.unknown("the batch is the class dim")
+            found.add((lay[0] - (1 if lay[0] > 1 else 0), lay[1]))
+        elif t is target:
+            if target.dim() == x.dim():                    # class probabilities, laid out as the input
+                if lay[0] == 1:
+                    return op.unknown("the batch is the class dim")
+                found.add((lay[0] - (1 if lay[0] > 1 else 0), lay[1]))
+            else:
+                found.add(lay)
+        else:
+            return op.unknown("a class weight is batched")
+    if len(found) != 1:
+        return op.unknown("input and target disagree on where the samples are")
+    return found.pop()
+
+
+def _pointwise_loss(op: _Op):
+    """Elementwise losses with reduction="none" (mse, l1, binary cross-entropy, ...)."""
+    if not _unreduced(op):
+        return op.unknown("reduces over the batch")
+    return op.agree()
 
 
 def _one_hot(op: _Op):
@@ -643,11 +693,18 @@ HANDLERS.update({n: _reduction for n in REDUCTIONS})
 HANDLERS.update({n: _batch_first for n in BATCH_FIRST})
 HANDLERS.update({n: _along_dim(*spec) for n, spec in ALONG_DIM.items()})
 HANDLERS.update({n: _matmul(*spec) for n, spec in MATMULS.items()})
+_ALONG_INDEX_SELECT = HANDLERS["index_select"]
+HANDLERS["index_select"] = _index_select
 HANDLERS.update({
     "unsqueeze": _squeeze, "unsqueeze_": _squeeze, "squeeze": _squeeze, "squeeze_": _squeeze,
     "__getitem__": _getitem, "select": _select, "narrow": _select, "roll": _roll, "pad": _pad,
     "repeat": _repeat, "tile": _repeat, "gather": _gather, "Tensor.unfold": _unfold_window,
     "cat": _cat, "concat": _cat, "concatenate": _cat, "stack": _cat,
+    "cross_entropy": _class_loss, "nll_loss": _class_loss,
+    "mse_loss": _pointwise_loss, "l1_loss": _pointwise_loss, "smooth_l1_loss": _pointwise_loss,
+    "huber_loss": _pointwise_loss, "binary_cross_entropy": _pointwise_loss,
+    "binary_cross_entropy_with_logits": _pointwise_loss, "kl_div": _pointwise_loss,
+    "soft_margin_loss": _pointwise_loss,
     "embedding": _embedding, "one_hot": _one_hot, "einsum": _einsum,
     "linear": _linear, "layer_norm": _normalise_trailing, "rms_norm": _normalise_trailing,
     "scaled_dot_product_attention": _attention, "tril": _attention, "triu": _attention, "tril_": _attention,

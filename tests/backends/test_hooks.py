@@ -339,7 +339,9 @@ class SequenceFirst(nn.Module):
 class ExpandedToTheSequence(SequenceFirst):
     """Sequence-first, with a [1, 1, d] offset expanded along the sequence: when T equals the batch
     size, the recording takes the expanded dim 0 for the batch (a constant or parameter expanded to
-    B rows is given to every sample), which only the check against the loop can catch."""
+    B rows is given to every sample). The add of [T, B, d] and that offset then disagrees on where
+    the samples are, and everything below it in the graph (the embedding, the offset) goes to the
+    fallback with the layers above: no rule reads a gradient that mixes samples."""
 
     def __init__(self):
         super().__init__()
@@ -349,6 +351,22 @@ class ExpandedToTheSequence(SequenceFirst):
         h = self.embed(tokens.t())                  # [T, B, d]
         h = torch.tanh(self.mix(h + self.offset.expand(h.shape[0], 1, 6)))
         return self.head(h.mean(0))
+
+
+class ReadsTheBatchSize(SequenceFirst):
+    """Sequence-first; an offset switched on when the batch size (a Python number, which no
+    recording of tensor ops sees) equals the sequence length T. A sample alone (batch size 1) never
+    gets it, the batch does when B == T: only the check against the loop can catch that."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.randn(6))
+
+    def forward(self, tokens):                      # tokens [B, T]
+        h = self.embed(tokens.t())                  # [T, B, d]
+        if tokens.shape[0] == tokens.shape[1]:
+            h = h + self.offset
+        return self.head(torch.tanh(self.mix(h)).mean(0))
 
 
 def test_sequence_first_layers_are_tracked_and_scored_by_rules():
@@ -367,7 +385,26 @@ def test_a_wrong_guess_of_the_batch_dim_is_caught_by_the_check_and_scored_exactl
     x = torch.randint(0, 11, (3, 4))
     assert _fallback_names(model, x) == set()
     torch.testing.assert_close(_scores(model, x, "hooks"), _scores(model, x, "loop"), rtol=1e-9, atol=1e-12)
-    # T == B: the shapes cannot tell; the check against the loop does, and the job moves to the fallback
+    # T == B: the shapes cannot tell; the add's operands disagree on where the samples are, and every
+    # parameter (those below the add included: their gradient there mixes samples) goes to the fallback,
+    # exactly, before any rule runs: also with the check against the loop out of the way
+    x = torch.randint(0, 11, (3, 3))
+    engine = _engine(model)
+    engine._agrees_with_loop = lambda *args: True          # the check against the loop out of the way
+    with eval_mode(model), torch.enable_grad(), pytest.warns(HooksFallbackWarning, match="mixes samples"):
+        got = engine.sqnorms(x)
+    assert set(engine.last_fallback) == {n for n, _ in model.named_parameters()}
+    torch.testing.assert_close(got, _loop_sqnorms(model, x), rtol=1e-9, atol=1e-12)
+
+
+def test_a_model_that_reads_the_batch_size_is_caught_by_the_check_and_scored_exactly():
+    torch.manual_seed(0)
+    model = ReadsTheBatchSize().double()
+    # T != B: the batched forward is the per-sample one; the rules score everything
+    x = torch.randint(0, 11, (3, 4))
+    assert _fallback_names(model, x) == set()
+    torch.testing.assert_close(_scores(model, x, "hooks"), _scores(model, x, "loop"), rtol=1e-9, atol=1e-12)
+    # T == B: the check against the loop catches it, and the job moves to the fallback
     x = torch.randint(0, 11, (3, 3))
     with pytest.warns(HooksFallbackWarning, match="disagree with the per-sample loop"):
         hooks = score_pool(model, [x], backend="hooks", progress=False)
@@ -379,7 +416,7 @@ def test_a_wrong_guess_is_caught_in_float32_too(seed):
     """float32's looser check (batched and single-sample forwards may differ by ~1e-3 on an
     ill-conditioned sample) still catches rules that read the wrong dim as the sample."""
     torch.manual_seed(seed)
-    model = ExpandedToTheSequence()
+    model = ReadsTheBatchSize()
     x = torch.randint(0, 11, (3, 3))
     with pytest.warns(HooksFallbackWarning, match="disagree with the per-sample loop"):
         hooks = score_pool(model, [x], backend="hooks", progress=False)
@@ -404,7 +441,10 @@ def test_fallback_turns_to_the_loop_when_vmap_cannot_run_the_model():
     x = torch.randn(3, 6, dtype=torch.float64)
     with eval_mode(model), torch.enable_grad(), pytest.warns(HooksFallbackWarning, match="scale"):
         got = engine.sqnorms(x)
-    assert engine.last_fallback == ("scale",) and "flip" in engine.last_reasons["scale"]
+    # the lin layer below the flips goes too: the recording cannot tell a permutation of the batch
+    # (undone by the second flip) from a mixing of samples, and leaves nothing below either to a rule
+    assert set(engine.last_fallback) == {"lin.weight", "lin.bias", "scale"} and "flip" in engine.last_reasons["scale"]
+    assert "mixes samples" in engine.last_reasons["lin.weight"]
     assert [type(f.engine).__name__ for f in engine._fallbacks.values()] == ["LoopBackend"]
     torch.testing.assert_close(got, _loop_sqnorms(model, x), rtol=1e-9, atol=1e-12)
 

@@ -5,15 +5,15 @@ import torch
 
 from gradnorm_engine import score_pool
 from gradnorm_engine.backends.hooks import HooksFallbackWarning
-from tests.backends.test_hooks import ExpandedToTheSequence   # guessed wrong when T == B
+from tests.backends.test_hooks import ReadsTheBatchSize   # batched != per-sample when T == B
 
 
 def test_a_later_chunk_whose_size_is_the_sequence_length_is_checked_and_scored_exactly():
     torch.manual_seed(0)
-    model = ExpandedToTheSequence().double()
+    model = ReadsTheBatchSize().double()
     x = torch.randint(0, 11, (7, 3), generator=torch.Generator().manual_seed(1))   # T = 3
-    # chunks of 4, 3: the first (B=4 != T) is tracked right; the second has B == T, and only the
-    # check against the loop can tell that the recording took the sequence dim for the batch
+    # chunks of 4, 3: the first (B=4 != T) is the per-sample forward; the second has B == T, and only
+    # the check against the loop can tell that the batched forward is not
     with pytest.warns(HooksFallbackWarning, match="disagree with the per-sample loop"):
         hooks = score_pool(model, [x], backend="hooks", chunk_size=4, progress=False)
     loop = score_pool(model, [x], backend="loop", chunk_size=4, progress=False)
