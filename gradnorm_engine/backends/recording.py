@@ -125,6 +125,9 @@ class ModuleCall:
         self.module, self.rule, self.params, self.inputs, self.edge, self.name = \
             module, rule, params, inputs, edge, name
 
+    def free_inputs(self) -> None:
+        self.inputs = None
+
     def release(self) -> None:
         self.inputs = self.edge = None
 

@@ -124,7 +124,7 @@ class RulePass:
             last = losses.shape[1] - 1
             for k in range(losses.shape[1]):
                 self._noting = k == 0            # explain() describes the uses once
-                found = self._backward(recorder, coverage, losses[:, k].sum(), retain_graph=k < last)
+                found = self._backward(recorder, coverage, losses[:, k].sum(), last=k == last)
                 for pid, value in found.items():
                     if pid not in self.failed:
                         out[:, k, self.plan.columns[pid]] = value.to(out.dtype)
@@ -134,9 +134,10 @@ class RulePass:
             recorder.release()
         return out, {pid: why for pid, why in self.failed.items() if pid in coverage.in_graph}
 
-    def _backward(self, recorder: Recorder, coverage: Coverage, loss: torch.Tensor, retain_graph: bool
+    def _backward(self, recorder: Recorder, coverage: Coverage, loss: torch.Tensor, last: bool
                   ) -> dict[int, torch.Tensor]:
-        """One loss's backward through the rules -> {id(parameter): squared norms [B]}."""
+        """One loss's backward through the rules -> {id(parameter): squared norms [B]}; after the
+        ``last`` loss's, each call's activations are dropped as soon as its rule has run."""
         norms: dict[int, torch.Tensor] = {}
         grads: dict[int, torch.Tensor] = {}     # id(parameter or derived tensor) -> summed per-sample gradients
         done: set[int] = set()
@@ -149,11 +150,13 @@ class RulePass:
                 self._module_rule(call, grad, norms)
             else:
                 self._op_rule(call, grad, coverage, norms, grads)
+            if last:
+                call.free_inputs()
 
         recorder.on_grad = on_grad
         try:
             if coverage.edges:
-                torch.autograd.grad(loss, coverage.edges, allow_unused=True, retain_graph=retain_graph)
+                torch.autograd.grad(loss, coverage.edges, allow_unused=True, retain_graph=not last)
         finally:
             recorder.on_grad = None
         measured = recorder.measured
