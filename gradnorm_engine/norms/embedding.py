@@ -28,13 +28,17 @@ def embedding_norms(layer: nn.Embedding, inputs: tuple, grad_outputs: tuple) -> 
                                         accum_dtype(g, layer.weight))}
 
 
+def _unpadded(g: torch.Tensor, idx: torch.Tensor, padding_idx: int | None, acc: torch.dtype) -> torch.Tensor:
+    """g in ``acc``, with the rows looked up at ``padding_idx`` (which get no gradient) zeroed."""
+    g = g.to(acc)
+    return g if padding_idx is None else g * (idx != padding_idx).unsqueeze(-1).to(acc)
+
+
 def lookup_sqnorm(idx: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: int | None,
                   scale_grad_by_freq: bool, acc: torch.dtype) -> torch.Tensor:
     """sum_v ||row_v||^2 per sample.  idx [B, T] token ids, g [B, T, dim] -> [B]"""
     batch, _, dim = g.shape
-    g = g.to(acc)
-    if padding_idx is not None:
-        g = g * (idx != padding_idx).unsqueeze(-1).to(acc)
+    g = _unpadded(g, idx, padding_idx, acc)
     # One key per (sample, token id): rows of different samples never mix.
     keys = (torch.arange(batch, device=idx.device).unsqueeze(1) * num_embeddings + idx).flatten()
     uniq, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
@@ -52,9 +56,7 @@ def lookup_grads(idx: torch.Tensor, g: torch.Tensor, num_embeddings: int, paddin
                  scale_grad_by_freq: bool, acc: torch.dtype) -> torch.Tensor:
     """Each sample's weight gradient [B, num_embeddings, dim] (for a table used more than once)."""
     batch, tokens, dim = g.shape
-    g = g.to(acc)
-    if padding_idx is not None:
-        g = g * (idx != padding_idx).unsqueeze(-1).to(acc)
+    g = _unpadded(g, idx, padding_idx, acc)
     if scale_grad_by_freq:
         counts = torch.zeros(batch, num_embeddings, dtype=acc, device=g.device)
         counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=acc))
