@@ -1,6 +1,9 @@
-"""Throughput of the hooks backend on CIFAR ResNet-18 (CPU by default, --device cuda on a GPU).
+"""Throughput of the hooks backend against a training step of the same model (CPU by default,
+--device cuda on a GPU): CIFAR ResNet-18, or any benchmark workload (--model vit, swin_t,
+convnext_tiny, resnet50, bert, ...: gradnorm_engine.benchmark.workloads).
 
     python bench/hooks_vs_training_step.py [--batch 32] [--threads 2] [--repeats 7] [--loop-samples 8]
+    python bench/hooks_vs_training_step.py --model vit --loop-samples 0 --repeats 9
     python bench/hooks_vs_training_step.py --device cuda --batch 256 [--autocast bf16] [--channels-last]
 
 Compares, in one process and interleaved round by round (so that load from other processes
@@ -9,7 +12,10 @@ hits every method alike):
            (a training step without the optimizer)
   hooks    HooksBackend.sqnorms: exact per-sample squared norms of every parameter tensor
   loop     the per-sample reference (one forward + backward per sample), on fewer samples
-Prints samples/s (median and best round) and the ratios the targets refer to.
+Prints samples/s (median and best round), the ratios the targets refer to (the median over rounds
+of each round's ratio, which load from other processes hits least, the best rounds' ratio and the
+CPU-time ratio), the load average before and after, and which parameters the hooks backend left
+to its exact fallback.
 
 On a machine shared with other jobs, wall time swings from round to round; the best round
 approximates an idle machine, and CPU time (process_time, all threads) counts the work done
@@ -34,7 +40,27 @@ from gradnorm_engine.backends.hooks import HooksBackend
 from gradnorm_engine.backends.loop import LoopBackend
 from gradnorm_engine.job import eval_mode
 from gradnorm_engine.kernels import _dispatch
+from gradnorm_engine.job import make_job
 from resnet18_workload import resnet18_job
+
+CIFAR = "cifar_resnet18"
+
+
+def workload_job(name: str, device: torch.device, batch: int, *, autocast: str | None = None,
+                 channels_last: bool = False):
+    """(model, inputs, job) for ``name``: CIFAR ResNet-18 as the other hooks benchmarks build it, or
+    a benchmark workload (seeded, eval mode, BatchNorm calibrated)."""
+    if name == CIFAR:
+        return resnet18_job(device, batch, autocast=autocast, channels_last=channels_last)
+    from gradnorm_engine.benchmark.workloads import build_workload
+    workload = build_workload(name, device, batch_size=batch, n_batches=1)
+    model, x = workload.model, workload.batches[0]
+    if channels_last and x.dim() == 4:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.to(memory_format=torch.channels_last)
+    job = make_job(model, score="entropy", params=None, logits_fn=None, device=device, autocast=autocast,
+                   max_memory=None)
+    return model, x, job
 
 
 def timed(fn, device: torch.device) -> tuple[float, float, int]:
@@ -52,6 +78,8 @@ def timed(fn, device: torch.device) -> tuple[float, float, int]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=CIFAR, help=f"{CIFAR} (default) or a benchmark workload: vit, swin_t, "
+                    "convnext_tiny, resnet50, bert, ...")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
@@ -63,7 +91,8 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    model, x, job = resnet18_job(device, args.batch, autocast=args.autocast, channels_last=args.channels_last)
+    model, x, job = workload_job(args.model, device, args.batch, autocast=args.autocast,
+                                 channels_last=args.channels_last)
     params = [p for _, p in job.params]
     load_before = os.getloadavg()
 
@@ -97,7 +126,8 @@ def main(argv=None) -> int:
     peak = {k: max(m for _, _, m in v) / 2**30 for k, v in times.items()}
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({args.threads} threads)")
     precision = f"{args.autocast} autocast" if args.autocast else "fp32"
-    print(f"# hooks backend, {where}, CIFAR ResNet-18 {precision}"
+    title = "CIFAR ResNet-18" if args.model == CIFAR else args.model
+    print(f"# hooks backend, {where}, {title} {precision}"
           f"{', channels_last' if args.channels_last else ''}, batch {args.batch}")
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
     print(f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or platform.machine()}, "
@@ -112,8 +142,15 @@ def main(argv=None) -> int:
     print()
     for other, target in (("fwd+bwd", "0.9x"), ("loop", "10x")) if with_loop else (("fwd+bwd", "0.9x"),):
         r = [rate["hooks"][i] / rate[other][i] for i in range(3)]
-        print(f"hooks / {other}: {r[0]:.2f}x wall median, {r[1]:.2f}x wall best, {r[2]:.2f}x CPU time "
-              f"(target >= {target})")
+        rounds = len(times[other])
+        # each round's own ratio (samples/s of hooks over the other's), paired in time
+        per_round = statistics.median(samples["hooks"] / times["hooks"][i][0] / (samples[other] / times[other][i][0])
+                                      for i in range(rounds))
+        print(f"hooks / {other}: {per_round:.2f}x median of per-round ratios, {r[0]:.2f}x wall median, "
+              f"{r[1]:.2f}x wall best, {r[2]:.2f}x CPU time (target >= {target})")
+    fallback = getattr(hooks, "last_fallback", ())
+    print(f"hooks' exact fallback: {len(fallback)} of {len(job.params)} parameter tensors"
+          + (f" ({', '.join(fallback[:6])}{' ...' if len(fallback) > 6 else ''})" if fallback else ""))
     if device.type == "cuda":
         print(f"peak memory hooks / fwd+bwd: {peak['hooks'] / max(peak['fwd+bwd'], 1e-9):.2f}x (target <= 1.5x)")
     if _dispatch._FAILED:

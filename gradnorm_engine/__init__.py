@@ -12,9 +12,10 @@ from .api import RankResult, rank_unlabeled, score_pool, top_k  # noqa: E402 - a
 from .norms import register_norm_rule  # noqa: E402
 from .badge import badge  # noqa: E402
 from .egl import expected_gradient_length  # noqa: E402
+from .explain import explain  # noqa: E402
 from .per_parameter import per_parameter_sqnorms  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["RankResult", "badge", "expected_gradient_length", "per_parameter_sqnorms", "rank_unlabeled",
+__all__ = ["RankResult", "badge", "expected_gradient_length", "explain", "per_parameter_sqnorms", "rank_unlabeled",
            "register_norm_rule", "score_pool", "top_k", "__version__"]

@@ -5,7 +5,10 @@ passes each sample's own ids and mask, in float64 and float32."""
 import pytest
 import torch
 
-from gradnorm_engine import score_pool
+from gradnorm_engine import explain, score_pool
+from gradnorm_engine.backends.hooks import HooksBackend
+from gradnorm_engine.inputs import ModelInputs
+from gradnorm_engine.job import eval_mode, make_job
 from tests.reference import max_rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -108,3 +111,27 @@ def test_a_sample_scores_the_same_alone_and_padded_in_a_batch():
                                            "attention_mask": batch["attention_mask"][i:i + 1, :T - i]}],
                                   progress=False) for i in range(B)])
     assert max_rel_err(score_pool(model, [batch], progress=False), alone) <= 1e-9
+
+
+def _hf_batch(name: str, model) -> dict:
+    if name == "vit":
+        pixels = torch.randn(B, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        return {"pixel_values": pixels, "labels": torch.zeros(B, dtype=torch.long)}
+    return text_batch(pad=model.config.pad_token_id or 0)
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_MODELS) + ["vit"])
+def test_every_parameter_is_scored_by_rules_without_the_fallback(name):
+    """Embeddings and position tables, attention projections (Conv1D's addmm in GPT-2, rotary
+    Llama), LayerNorm/RMSNorm and heads: explain leaves nothing to the exact fallback, and the
+    backend's last chunk had no fallback either, in float64."""
+    model = build(TEXT_MODELS.get(name, vit), torch.float64)
+    batch = _hf_batch(name, model)
+    report = explain(model, batch)
+    assert report.fallback == [] and report.by("unused") == [], str(report)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    engine = HooksBackend(make_job(model, score="entropy", params=None, logits_fn=None, device=None, autocast=None,
+                                   max_memory=None))
+    with eval_mode(model), torch.enable_grad():
+        engine.sqnorms(ModelInputs((), inputs))
+    assert engine.last_fallback == (), engine.last_reasons

@@ -1,32 +1,32 @@
-"""Per-sample gradient norms from one batched forward and one backward to the layer outputs.
+"""Per-sample gradient norms from one batched forward and one backward to the recorded op outputs.
 
     engine = HooksBackend(job); engine.sqnorms(x)   # x [B, ...] -> [B, P]
 
-The rules' pass (``rule_pass``): forward hooks on every layer with a norm rule
-(gradnorm_engine.norms) keep its inputs and hook its output; one ``torch.autograd.grad`` of
-the summed loss asks only for gradients w.r.t. layer outputs (no parameter gradient is ever
-formed), and each layer's rule turns (inputs, output gradient) into per-sample squared norms.
+The rules' pass (``rule_pass``): the forward runs under a recorder that sees every torch op the
+model calls (backends/recording.py), tracks where the samples are in every tensor
+(norms/layout.py) and hooks the output of each op that takes a measured parameter; one
+``torch.autograd.grad`` of the summed loss asks only for gradients w.r.t. those outputs (no
+parameter gradient is ever formed), and each op's rule (norms/ops.py) turns (its recorded
+arguments, its output gradient) into per-sample squared norms, or per-sample gradients where a
+parameter has several uses or is derived from others.
 
-Exactness for any model: a measured parameter is left to the rules only when one module owns
-it, that module ran exactly once, it has a rule, and the autograd graph shows exactly one use
-of the parameter. Everything else (bare parameters, layers without a rule, tied weights, a
-layer applied twice, weights read outside their module's forward) is scored by the exact
-fallback (``fallback.ExactFallback``: ``vmap(grad)`` over just those parameters, or the
-per-sample loop when vmap cannot run the model), so per-sample gradients of a shared parameter
-are summed before the norm.
+Exactness for any model: the coverage check (backends/coverage.py) leaves a parameter to the rules
+only when every way it reaches the loss runs through a recorded use whose sample layout is known.
+Everything else (an op that loses the layout, such as a flip or sort along the batch; a use the
+recorder cannot see, inside a custom autograd.Function or TorchScript; a rule that fails) is
+scored by the exact fallback (``fallback.ExactFallback``: ``vmap(grad)`` over just those
+parameters, or the per-sample loop when vmap cannot run the model).
 
-The model must treat the samples of a batch independently (eval mode; BatchNorm with running
-statistics) and the rules read dim 0 of a layer's input as the sample. A layer that sees
-another dim first (sequence-first data) is caught when that dim's size differs from the batch;
-for when it happens to be equal, the first chunk of every new size is checked against the
-per-sample loop on two samples, and a disagreement (a model the rules cannot read) hands the
-whole job to the exact fallback with a ``HooksFallbackWarning``.
+The layout tracker guesses in two places (a constant expanded to the batch size, an index equal
+to arange(B)); for those, and for anything else the rules could get wrong, the first chunk of
+every new shape is checked against the per-sample loop on two samples, and a disagreement hands
+the whole job to the exact fallback with a ``HooksFallbackWarning``.
 
-What the backend learns while it runs, and how it steps down (``_Downgrades``):
-  per parameter  a parameter the rules cannot score goes to the fallback, chunk by chunk;
-  copies         a [1, ...] parameter outside every rule (position embedding, class token) is
-                 tried once with per-sample copies inside the rules' pass and kept there when
-                 it agrees with the fallback; dropped for good if a later chunk cannot take them;
+What the backend learns while it runs (``_Downgrades``):
+  per parameter  a parameter the rules cannot score goes to the fallback, chunk by chunk, with the
+                 reason (``last_fallback``, ``last_reasons``); when those parameters hold more than
+                 FALLBACK_SHARE of the measured entries, or include one of the LARGEST tensors, a
+                 ``FallbackShareWarning`` names them, once per job;
   whole job      rules that disagree with the per-sample loop hand every parameter to the fallback.
 """
 from __future__ import annotations
@@ -44,9 +44,9 @@ from ..memory import activation_elems, chunk_budget, is_out_of_memory
 from .base import Backend
 from .fallback import ExactFallback
 from .loop import LoopBackend
-from .rule_pass import HooksFallbackWarning, RulePass, RulePlan, per_sample_copies, per_sample_sqnorm
+from .rule_pass import HooksFallbackWarning, RulePass, RulePlan
 
-__all__ = ["HooksBackend", "HooksFallbackWarning"]
+__all__ = ["FallbackShareWarning", "HooksBackend", "HooksFallbackWarning"]
 
 # Bytes per activation entry of one sample while a chunk runs: the forward's saved activations,
 # the inputs the hooks keep, the output gradients in flight and the rules' temporaries.
@@ -65,20 +65,31 @@ CHECK_RTOL = {torch.float64: 1e-6, torch.float32: 2e-2}
 CHECK_RTOL_AUTOCAST = 0.25
 
 
+# The fallback warning: the fallback's parameters hold more than this share of the measured
+# entries, or include one of the LARGEST largest measured tensors.
+FALLBACK_SHARE = 0.10
+LARGEST = 5
+
+
+class FallbackShareWarning(HooksFallbackWarning):
+    """A large part of the measured parameters is scored by the slow exact fallback (named, with the
+    reasons); gradnorm_engine.explain(model, batch) says how every parameter is scored."""
+
+
 @dataclass
 class _Downgrades:
     """What the backend has learnt about this job's rules, chunk by chunk."""
 
     checked_sizes: set[tuple] = field(default_factory=set)   # chunk shapes already checked against the loop
     rules_disagree: bool = False                            # the check failed: the fallback scores all
-    copied: dict[str, nn.Parameter] = field(default_factory=dict)   # [1, ...] parameters scored by copies
-    copies_tried: bool = False
+    warned_share: bool = False                              # FallbackShareWarning given
 
 
 class HooksBackend(Backend):
     """Exact per-sample norms at about the cost of one training step (see the module docstring).
 
-    ``last_fallback`` names the parameters the exact fallback scored in the last chunk.
+    ``last_fallback`` names the parameters the exact fallback scored in the last chunk, and
+    ``last_reasons`` says why (name -> reason).
     """
 
     name = "hooks"
@@ -89,16 +100,14 @@ class HooksBackend(Backend):
         self.downgrades = _Downgrades()
         self._fallbacks: dict[tuple[str, ...], Backend] = {}
         self.last_fallback: tuple[str, ...] = ()   # names scored by the fallback in the last chunk
+        self.last_reasons: dict[str, str] = {}
+        self.last_pass: RulePass | None = None
+        self._per_sample_entries: int | None = None
 
     @property
     def ruled(self) -> list:
-        """(layer, rule, its measured parameters) for every layer the rules may score."""
+        """(layer, rule, its measured parameters) for every layer with a user-registered rule."""
         return self.plan.ruled
-
-    @property
-    def copied(self) -> dict[str, nn.Parameter]:
-        """The [1, ...] parameters scored by per-sample copies inside the rules' pass."""
-        return self.downgrades.copied
 
     @classmethod
     def supports(cls, job: ScoringJob) -> bool:
@@ -118,9 +127,27 @@ class HooksBackend(Backend):
         job = self.job
         itemsize = torch.finfo(job.accum_dtype).bits // 8
         act = activation_elems(job.model, example, job.autocast_context)
-        # The Gram form and the unfolded patches hold up to about one weight's size per sample.
-        per_sample = itemsize * (ACTIVATION_COPIES * act + self.plan.widest())
+        # The Gram form and the unfolded patches hold up to about one weight's size per sample;
+        # per-sample gradients (shared and derived parameters, the generic rule) one each.
+        per_sample = itemsize * (ACTIVATION_COPIES * act + self.plan.widest(job) + self._per_sample_size(example))
         return max(1, min(MAX_CHUNK, chunk_budget(job.device, job.max_memory) // per_sample))
+
+    def _per_sample_size(self, example: ModelInputs | torch.Tensor) -> int:
+        """Entries of the per-sample gradients one sample holds, from a rules' pass on two copies of
+        ``example`` (0 when that pass cannot run: the chunk's own pass will say why)."""
+        if self._per_sample_entries is None:
+            x = ModelInputs.of(example)
+            x = ModelInputs.cat([x[:1], x[:1]])
+            rule_pass = RulePass(self.plan, self.job, len(x))
+            try:
+                with measure_only(self.job):
+                    rule_pass.run(x)
+                self._per_sample_entries = rule_pass.per_sample_entries
+            except Exception as err:  # noqa: BLE001 - a model the rules cannot run: sized without them
+                if is_out_of_memory(err):
+                    raise
+                self._per_sample_entries = 0
+        return self._per_sample_entries
 
     def sqnorms_per_loss(self, x: ModelInputs | torch.Tensor, objective: Objective | None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -129,17 +156,21 @@ class HooksBackend(Backend):
         job, state = self.job, self.downgrades
         x = ModelInputs.of(x)
         with measure_only(job):
-            if state.rules_disagree or not self.plan.ruled:  # nothing for the rules: skip their forward
+            if state.rules_disagree:
                 return self._all_by_fallback(x, objective)
-            out, weights, fallback = self._by_rules(x, objective)
+            rule_pass = RulePass(self.plan, job, len(x))
+            out, reasons = rule_pass.run(x, objective)
+            weights = rule_pass.weights
+            self.last_pass = rule_pass
+            fallback = [(n, p) for n, p in job.params if id(p) in reasons]
             self.last_fallback = tuple(n for n, _ in fallback)
+            self.last_reasons = {n: reasons[id(p)] for n, p in fallback}
             if fallback:
                 cols = [self.plan.columns[id(p)] for _, p in fallback]
-                sq, _ = self._fallback(fallback).sqnorms_per_loss(x, objective)
+                sq, fallback_weights = self._fallback(fallback).sqnorms_per_loss(x, objective)
                 out[:, :, cols] = sq.to(out.dtype)
-                if not state.copies_tried and objective is None:
-                    state.copies_tried = True
-                    state.copied = self._try_copies(x, fallback, out[:, 0])
+                if weights is None:
+                    weights = fallback_weights
             # keyed by the shapes: a later chunk whose size equals a sequence length is checked again
             shapes = (len(x), x.signature(), objective is None)
             if shapes not in state.checked_sizes:
@@ -147,71 +178,37 @@ class HooksBackend(Backend):
                 if not self._agrees_with_loop(x, out, objective):
                     state.rules_disagree = True
                     return self._all_by_fallback(x, objective)
+            if fallback:   # (after the check: when it fails, its own warning says what happens)
+                self._warn_share(fallback)
         return out, weights
 
-    def _by_rules(self, x: ModelInputs, objective: Objective | None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[str, nn.Parameter]]]:
-        """The rules' pass over ``x``; -> (squared norms [B, K, P] where the rules scored, the
-        objective's weights, the (name, parameter)s left to the fallback)."""
+    def _warn_share(self, fallback: list[tuple[str, nn.Parameter]]) -> None:
+        """Once per job: the fallback scores a large part of the parameters (see FALLBACK_SHARE)."""
         state = self.downgrades
-        try:
-            out, weights, needs_fallback = self._rule_pass(x, objective, state.copied)
-        except Exception as err:  # noqa: BLE001 - see below
-            if not state.copied or is_out_of_memory(err):
-                raise
-            # The per-sample copies, checked on an earlier chunk, do not fit this one (a
-            # shape that depends on the batch size): back to the fallback for good.
-            state.copied = {}
-            out, weights, needs_fallback = self._rule_pass(x, objective, {})
-        return out, weights, [(n, p) for n, p in self.job.params if id(p) in needs_fallback]
-
-    def _rule_pass(self, x: ModelInputs, objective: Objective | None, copied: dict):
-        rule_pass = RulePass(self.plan, self.job, len(x))
-        out, needs_fallback = rule_pass.run(x, copied, objective)
-        return out, rule_pass.weights, needs_fallback
+        if state.warned_share:
+            return
+        total = sum(p.numel() for _, p in self.job.params)
+        share = sum(p.numel() for _, p in fallback) / max(total, 1)
+        largest = {id(p) for _, p in sorted(self.job.params, key=lambda np_: -np_[1].numel())[:LARGEST]}
+        big = [n for n, p in fallback if id(p) in largest]
+        if share <= FALLBACK_SHARE and not big:
+            return
+        state.warned_share = True
+        shown = "; ".join(f"{n} ({self.last_reasons[n]})" for n, _ in fallback[:4])
+        more = f"; and {len(fallback) - 4} more" if len(fallback) > 4 else ""
+        warnings.warn(
+            f"backend='hooks': {len(fallback)} parameter tensor(s) holding {share:.0%} of the measured entries"
+            f"{' (among them the largest: ' + ', '.join(big) + ')' if big else ''} are scored by the exact "
+            f"fallback (vmap/loop), which is much slower than the rules: {shown}{more}. "
+            "gradnorm_engine.explain(model, batch) says how every parameter is scored and why.",
+            FallbackShareWarning, stacklevel=4)
 
     def _all_by_fallback(self, x: ModelInputs, objective: Objective | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.last_fallback = tuple(n for n, _ in self.job.params)
+        self.last_reasons = {n: "the rules disagreed with the per-sample loop on this job" for n in self.last_fallback}
         sq, weights = self._fallback(self.job.params).sqnorms_per_loss(x, objective)
         return sq.to(self.job.accum_dtype), weights
-
-    def _try_copies(self, x: ModelInputs, fallback: list, out: torch.Tensor) -> dict[str, nn.Parameter]:
-        """Which fallback parameters per-sample copies can score from now on.
-
-        A parameter p of shape [1, ...] is replaced, for one forward, by B copies [B, ...] (the
-        leading 1 becomes the batch), so that sample b reads only copy b and d loss / d copy b is
-        sample b's gradient of p, summed over all of p's uses. That holds where p's leading 1 is a
-        dim broadcast against the batch (x + pos, torch.cat([cls.expand(B, -1, -1), x])); other
-        uses fail or disagree with the exact fallback on this chunk's first samples, and then p
-        stays with the fallback.
-        """
-        named = [(n, p) for n, p in fallback if p.dim() >= 1 and p.shape[0] == 1]
-        if not named:
-            return {}
-        n = min(CHECK_SAMPLES, len(x))
-        try:
-            copies = self._copy_sqnorms(x[:n], dict(named))
-        except Exception as err:  # noqa: BLE001 - a use the copies cannot take: keep the fallback
-            if is_out_of_memory(err):
-                raise
-            return {}
-        rtol = _check_rtol(self.job, out.dtype)
-        agreed = {}
-        for name, p in named:
-            want = out[:n, self.plan.columns[id(p)]]
-            got = copies[name].to(out.dtype)
-            if bool(((got - want).abs() <= rtol * want.abs() + 1e-30).all()):
-                agreed[name] = p
-        return agreed
-
-    def _copy_sqnorms(self, x: ModelInputs, named: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        """Per-sample squared norms of ``named`` parameters through per-sample copies [B, ...]."""
-        copies = per_sample_copies(named, len(x))
-        loss = self.job.losses(x, copies).sum()
-        grads = torch.autograd.grad(loss, list(copies.values()), allow_unused=True)
-        return {n: per_sample_sqnorm(g, len(x), self.job.accum_dtype, x.device)
-                for n, g in zip(copies, grads)}
 
     def _agrees_with_loop(self, x: ModelInputs, out: torch.Tensor, objective: Objective | None = None) -> bool:
         """Compare the first samples with the per-sample loop; warn and return False if the
@@ -236,10 +233,11 @@ class HooksBackend(Backend):
         names = [job.params[j // out.shape[1]][0] for j in bad.any(dim=0).nonzero().flatten().tolist()]
         shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
         warnings.warn(
-            f"backend='hooks': the per-layer rules disagree with the per-sample loop for {shown}; a "
-            "layer probably sees another dim than the batch first (e.g. sequence-first data) or the "
-            "model mixes samples. Scoring continues exactly, but more slowly, through vmap/loop; use "
-            "batch-first layouts, or pass backend='vmap' to skip this check.",
+            f"backend='hooks': the rules disagree with the per-sample loop for {shown}; the recording "
+            "probably guessed where the samples are wrong (a tensor expanded to the batch size along a dim "
+            "that is not the batch: sequence-first data whose length equals the batch size), or the model "
+            "mixes samples. Scoring continues exactly, but more slowly, through vmap/loop; pass "
+            "backend='vmap' to skip this check.",
             HooksFallbackWarning, stacklevel=3)
         return False
 

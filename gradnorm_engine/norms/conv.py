@@ -1,5 +1,5 @@
-"""nn.Conv1d / Conv2d / Conv3d: any stride, padding (numbers, "same", "valid", every padding
-mode), dilation and groups (depthwise included), with or without bias.
+"""nn.Conv1d / Conv2d / Conv3d and F.conv1d/2d/3d: any stride, padding (numbers, "same", "valid",
+every padding mode), dilation and groups (depthwise included), with or without bias.
 
 With G groups, sample b's weight gradient for group j is G_bj = sum_t g_{t} a_t^T where t runs
 over the T output positions, g_t in R^{O/G} is the output gradient there and a_t in
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ from torch import nn
 
 from ..kernels import conv2d_weight_grad_sqnorm, linear_weight_grad_sqnorm
 from .forms import FORMS, gram_sqnorm, sqnorm_from_input_gram
+from .generic import generic_grads
+from .ops import OpCall, per_sample_result, register_op_rule
 from .registry import accum_dtype, register_norm_rule, wants
 
 
@@ -75,8 +78,19 @@ MATERIALISE_WEIGHT = {"cpu": 0.5}
 def choose_conv_form(layer: nn.Module, x_shape, g_shape, device_type: str = "cuda") -> str:
     """The cheapest exact form for this layer, these shapes and this device (ties: listed order)."""
     costs = conv_form_costs(layer, x_shape, g_shape)
-    costs["materialise"] *= MATERIALISE_WEIGHT.get(device_type, 1.0)
+    if not tiles(layer):   # a patch convolution materialises by a bmm, no faster than the Gram's
+        costs["materialise"] *= MATERIALISE_WEIGHT.get(device_type, 1.0)
     return min(costs, key=costs.get)
+
+
+def tiles(layer: nn.Module) -> bool:
+    """Whether the kernel windows tile the input without overlap (stride = kernel > 1, no dilation,
+    no padding): patch embeddings and ConvNeXt's downsampling. Their unfolded patches are a
+    reshape of the input, so one bmm materialises every sample's gradient."""
+    padding = layer.padding
+    return (math.prod(layer.kernel_size) > 1 and tuple(layer.stride) == tuple(layer.kernel_size)
+            and all(d == 1 for d in layer.dilation) and not isinstance(padding, str)
+            and all(p == 0 for p in padding) and getattr(layer, "padding_mode", "zeros") == "zeros")
 
 
 def conv_weight_sqnorm(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, form: str = "auto") -> torch.Tensor:
@@ -97,11 +111,11 @@ def conv_weight_sqnorm(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, form:
         return pixel_gram_sqnorm(layer, _pad(x, pads, layer.padding_mode), gg, g.shape[2:], accum_dtype(x, g))
     if x.is_cuda and form == "materialise":
         return materialise_with_kernels(layer, x, g, pads)
-    if form == "materialise" and math.prod(kernel) > 1:
+    if form == "materialise" and math.prod(kernel) > 1 and not tiles(layer):
         if x.shape[1] == groups:   # depthwise: every sample's gradients from one grouped conv
             return materialise_depthwise(layer, x, g, pads)
         return materialise_per_sample(layer, x, g, pads)
-    # The unfolded Gram, or (on CPU) a 1x1 conv materialised by one bmm on its strided patches.
+    # The unfolded Gram, or (on CPU) a 1x1 or tiling conv materialised by one bmm on its patches.
     a = unfold_patches(_pad(x, pads, layer.padding_mode), kernel, stride, dilation, groups)    # (B*G, T, K)
     per_group = gram_sqnorm(a, gg) if form == "gram" else linear_weight_grad_sqnorm(a, gg).to(accum_dtype(x, g))
     return per_group.reshape(batch, groups).sum(dim=1)
@@ -281,3 +295,56 @@ def _pad(x: torch.Tensor, pads: list[tuple[int, int]], mode: str) -> torch.Tenso
         return x
     flat = [v for lo_hi in reversed(pads) for v in lo_hi]  # F.pad wants the last dim first
     return F.pad(x, flat, mode="constant" if mode == "zeros" else mode)
+
+
+# --------------------------------------------------------------------------- op rule
+# F.conv1d/2d/3d as nn.Conv calls them (other padding modes pad with F.pad first, which the
+# recording sees as its own op): the same forms on a stand-in for the layer.
+
+CONV_SIGNATURE = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def conv_stand_in(call: OpCall) -> SimpleNamespace:
+    """What the forms read of an nn.Conv layer, from the op's arguments."""
+    weight = call.args[1]
+    nd = weight.dim() - 2
+
+    def per_dim(v):
+        return tuple(v) if isinstance(v, (list, tuple)) else (int(v),) * nd
+    padding = call.arg(4, 0)
+    return SimpleNamespace(kernel_size=tuple(weight.shape[2:]), stride=per_dim(call.arg(3, 1)),
+                           dilation=per_dim(call.arg(5, 1)), groups=int(call.arg(6, 1)),
+                           padding=padding if isinstance(padding, str) else per_dim(padding),
+                           padding_mode="zeros", weight=weight)
+
+
+def _conv_check(call: OpCall) -> str | None:
+    if call.lay(0) != (0, 1) or call.out_lay != (0, 1):
+        return "the batch is not dim 0 of its own (a folded batch)"
+    if call.lay(1) is not None or (call.arg(2) is not None and call.lay(2) is not None):
+        return "only the input may be batched"
+    return None
+
+
+def _conv_form(call: OpCall, slot) -> str:
+    if slot == 2:
+        return "sum over the positions"
+    layer = conv_stand_in(call)
+    x = call.args[0]
+    out = (x.shape[0], call.out_shape[1], *call.out_shape[2:])
+    kernel = "x".join(map(str, layer.kernel_size))
+    kind = " depthwise" if layer.groups > 1 and layer.groups == x.shape[1] else ""
+    return f"{choose_conv_form(layer, x.shape, out, x.device.type)} ({kernel}{kind}, T={math.prod(out[2:])})"
+
+
+@register_op_rule("conv1d", "conv2d", "conv3d", signature=CONV_SIGNATURE, check=_conv_check, form=_conv_form)
+def conv_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
+    x = call.args[0]
+    out = {}
+    if 1 in call.pins:
+        out[1] = (conv_weight_sqnorm(conv_stand_in(call), x, grad) if wants_norm(1)
+                  else generic_grads(call, grad, [1])[1])
+    if 2 in call.pins:
+        summed = grad.to(accum_dtype(x, grad)).flatten(2).sum(dim=2)                    # (B, O)
+        out[2] = per_sample_result(summed, wants_norm(2))
+    return out

@@ -8,9 +8,12 @@ input patch), sample b's weight gradient is G_b = sum_t g_t a_t^T  (p x d), and
 
 Both are exact; the cheaper one is chosen per layer and per batch shape. Materialisation runs
 the fused kernel (``gradnorm_engine.kernels.linear_weight_grad_sqnorm``), which never keeps
-G_b in memory on CUDA.
+G_b in memory on CUDA. The Gram form runs plain (two products and a sum) and is redone centred
+for the rows where its rounding could have cost digits (``checked_gram_sqnorm``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -51,6 +54,42 @@ def gram_sqnorm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (centred + cross + rank_one).clamp_min(0)   # a true zero may round to -1e-30
 
 
+# Relative rounding error the plain Gram may keep before a row is recomputed centred: ten times
+# below the float32 tolerances the engine is held to (1e-4 against the per-sample loop).
+GRAM_TOLERANCE = 1e-5
+
+
+def checked_gram_sqnorm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The Gram form at the cost of two products: plain, and centred only where that could be
+    inexact.  a [N, T, d], g [N, T, p] -> [N]
+
+    With P = (a a^T) * (g g^T) (entrywise), the result is R = sum P. Each product a_t . a_t' is
+    rounded by about u sqrt(d) |a_t| |a_t'| (u: the unit roundoff of the accumulation dtype;
+    blocked sums grow like sqrt(d), not d), so R is off by about
+
+        E = u (sum |P| + (sqrt(d) + sqrt(p)) sum_t |a_t|^2 |g_t|^2),   sum_t |a_t|^2 |g_t|^2 = trace P.
+
+    Where E > GRAM_TOLERANCE * R (R is a small difference of large terms: inputs sharing a large
+    direction against gradients that cancel over the positions, as in attention keys), the row
+    is recomputed by the centred ``gram_sqnorm``, which is about twice as slow (the centring
+    copies both inputs).
+    """
+    acc = accum_dtype(a, g)
+    a, g = a.to(acc), g.to(acc)
+    prod = torch.bmm(a, a.transpose(1, 2))
+    prod.mul_(torch.bmm(g, g.transpose(1, 2)))                                     # P, (N, T, T)
+    total = prod.sum(dim=(1, 2))
+    unit = torch.finfo(acc).eps / 2
+    spread = torch.linalg.vector_norm(prod, ord=1, dim=(1, 2))                      # sum |P|
+    diagonal = prod.diagonal(dim1=1, dim2=2).sum(dim=1)                              # trace P
+    error = unit * (spread + (math.sqrt(a.shape[2]) + math.sqrt(g.shape[2])) * diagonal)
+    doubtful = error > GRAM_TOLERANCE * total
+    if bool(doubtful.any()):
+        rows = doubtful.nonzero().flatten()
+        total = total.index_copy(0, rows, gram_sqnorm(a.index_select(0, rows), g.index_select(0, rows)))
+    return total.clamp_min(0)
+
+
 def sqnorm_from_input_gram(gram_a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """sum_{t,t'} gram_a[t, t'] (g_t . g_t') per row, given the inputs' Gram matrices (however
     they were formed).  gram_a [N, T, T], g [N, T, p] -> [N], in gram_a's dtype."""
@@ -72,5 +111,5 @@ def weight_sqnorm(a: torch.Tensor, g: torch.Tensor, form: str = "auto") -> torch
     if t == 1 and form == "auto":
         return a.to(acc).pow(2).sum(dim=(1, 2)) * g.to(acc).pow(2).sum(dim=(1, 2))
     if form == "gram" or (form == "auto" and prefer_gram(t, p, d)):
-        return gram_sqnorm(a, g)
+        return checked_gram_sqnorm(a, g)
     return linear_weight_grad_sqnorm(a, g).to(acc)

@@ -1,5 +1,6 @@
 """Normalisation layers with an affine part y = xhat * weight + bias, per channel / feature:
-BatchNorm1d/2d/3d in eval mode (running statistics), GroupNorm, LayerNorm, RMSNorm.
+BatchNorm1d/2d/3d in eval mode (running statistics), GroupNorm, LayerNorm, RMSNorm, and their
+functional forms (F.batch_norm, F.group_norm, F.layer_norm, F.rms_norm, F.instance_norm).
 
 xhat depends only on the sample itself (running statistics, or the sample's own groups /
 features), so with g the output gradient
@@ -15,6 +16,8 @@ import torch
 from torch import nn
 
 from ..kernels import batch_norm_grad_sqnorm
+from .layout import regroup
+from .ops import OpCall, per_sample_result, register_op_rule
 from .registry import accum_dtype, register_norm_rule, wants
 
 
@@ -91,3 +94,130 @@ if hasattr(nn, "RMSNorm"):
         xf = x.to(acc)
         xhat = xf * torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
         return _affine_norms(layer, g.to(acc), xhat, tuple(range(1, x.dim() - n)))
+
+
+# --------------------------------------------------------------------------- op rules
+# The functional forms, wherever the samples are: F.layer_norm on a permuted tensor (ConvNeXt's
+# LayerNorm2d), on [T, B, d], on Swin's windows. Each sample's rows are regrouped first, so
+# xhat and g are [B, S, *affine shape] with S every position that shares one affine entry.
+
+def affine_sums(call: OpCall, g: torch.Tensor, xhat: torch.Tensor, weight, bias, wants_norm, shared=(1,)) -> dict:
+    """{weight slot: sum over the ``shared`` dims of g * xhat, bias slot: of g}, as squared norms
+    [B] or gradients. ``xhat`` is the rule's own temporary (overwritten)."""
+    def per_entry(t: torch.Tensor) -> torch.Tensor:
+        # sum(dim=()) would reduce every dim, batch included: skip it when nothing is shared
+        return t.sum(dim=shared) if shared else t
+
+    out = {}
+    if weight in call.pins:
+        out[weight] = per_sample_result(per_entry(xhat.mul_(g)), wants_norm(weight))
+    if bias is not None and bias in call.pins:
+        out[bias] = per_sample_result(per_entry(g), wants_norm(bias))
+    return out
+
+
+def _trailing_check(call: OpCall) -> str | None:
+    shape = call.arg(1)
+    n = 1 if isinstance(shape, int) else len(shape)
+    if call.lay(0) is None or call.lay(0)[0] >= call.args[0].dim() - n:
+        return "the batch is a normalised dim"
+    if any(call.lay(i) is not None for i in range(1, len(call.args))):
+        return "only the input may be batched"
+    return None
+
+
+def _trailing_rows(call: OpCall, grad: torch.Tensor, acc: torch.dtype):
+    """(x, g) as [B, ..., *normalized_shape] in ``acc`` (views where the layout allows: a
+    permuted input, ConvNeXt's, is not copied), the normalised dims and the dims they share."""
+    shape = call.args[1]
+    n = 1 if isinstance(shape, int) else len(shape)
+    x = regroup(call.args[0], call.lay(0), call.batch).to(acc)
+    g = regroup(grad, call.out_lay, call.batch).to(acc)
+    return x, g, tuple(range(x.dim() - n, x.dim())), tuple(range(1, x.dim() - n))
+
+
+@register_op_rule("layer_norm", signature=("input", "normalized_shape", "weight", "bias", "eps"),
+                  check=_trailing_check, form=lambda c, slot: "affine sums (statistics from the forward)"
+                  if c.extra is not None else "affine sums")
+def layer_norm_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
+    """xhat = (x - mean) * rstd over the normalised dims; mean and rstd from the forward when the
+    recording ran torch.native_layer_norm (``call.extra``), else recomputed."""
+    acc = accum_dtype(call.args[0], grad)
+    x, g, normalised, shared = _trailing_rows(call, grad, acc)
+    if call.extra is not None:           # [*leading dims, 1, ...]: x's layout
+        mean, rstd = (regroup(t, call.lay(0), call.batch).to(acc) for t in call.extra)
+    else:
+        var, mean = torch.var_mean(x, dim=normalised, unbiased=False, keepdim=True)
+        rstd = torch.rsqrt(var + call.arg(4, 1e-5))
+    return affine_sums(call, g, (x - mean).mul_(rstd), 2, 3, wants_norm, shared)
+
+
+@register_op_rule("rms_norm", signature=("input", "normalized_shape", "weight", "eps"), check=_trailing_check,
+                  form=lambda c, slot: "affine sums")
+def rms_norm_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
+    """xhat = x / sqrt(mean(x^2) + eps) over the normalised dims."""
+    acc = accum_dtype(call.args[0], grad)
+    x, g, normalised, shared = _trailing_rows(call, grad, acc)
+    eps = call.arg(3, torch.finfo(call.args[0].dtype).eps)
+    xhat = x * torch.rsqrt(x.pow(2).mean(dim=normalised, keepdim=True) + eps)
+    return affine_sums(call, g, xhat, 2, None, wants_norm, shared)
+
+
+def _channels_check(call: OpCall) -> str | None:
+    if call.lay(0) != (0, 1) or call.out_lay != (0, 1):
+        return "the batch is not dim 0 of its own"
+    if any(call.lay(i) is not None for i in range(1, len(call.args))):
+        return "only the input may be batched"
+    if call.name == "batch_norm" and (call.arg(5, False) or call.arg(1) is None):
+        return "batch statistics (training mode) mix the samples"
+    return None
+
+
+def _channel_rows(call: OpCall, grad: torch.Tensor, xhat: torch.Tensor, weight: int, bias: int, wants_norm) -> dict:
+    batch, channels = call.args[0].shape[:2]
+    g = grad.to(xhat.dtype).reshape(batch, channels, -1).transpose(1, 2)                # (B, L, C)
+    return affine_sums(call, g, xhat.reshape(batch, channels, -1).transpose(1, 2), weight, bias, wants_norm)
+
+
+@register_op_rule("group_norm", signature=("input", "num_groups", "weight", "bias", "eps"), check=_channels_check,
+                  form=lambda c, slot: "affine sums")
+def group_norm_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
+    """xhat from each sample's own group statistics (biased variance), affine per channel."""
+    x = call.args[0]
+    acc = accum_dtype(x, grad)
+    grouped = x.to(acc).reshape(x.shape[0], int(call.args[1]), -1)
+    var, mean = torch.var_mean(grouped, dim=2, unbiased=False, keepdim=True)
+    xhat = (grouped - mean).mul_(torch.rsqrt(var + call.arg(4, 1e-5)))
+    return _channel_rows(call, grad, xhat, 2, 3, wants_norm)
+
+
+@register_op_rule("batch_norm", signature=("input", "running_mean", "running_var", "weight", "bias", "training",
+                                           "momentum", "eps"), check=_channels_check, form=lambda c, slot: "affine sums")
+def batch_norm_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
+    """Eval mode: xhat = (x - running_mean) / sqrt(running_var + eps), per channel."""
+    x = call.args[0]
+    acc = accum_dtype(x, grad)
+    inv_std = torch.rsqrt(call.args[2].to(acc) + call.arg(7, 1e-5))
+    if all(wants_norm(s) for s in call.pins):   # the fused kernel (CUDA) or its reference
+        weight_sq, bias_sq = batch_norm_grad_sqnorm(x, grad, call.args[1].to(acc), inv_std)
+        return {s: v for s, v in ((3, weight_sq), (4, bias_sq)) if s in call.pins}
+    view = (1, -1, *([1] * (x.dim() - 2)))
+    xhat = (x.to(acc) - call.args[1].to(acc).view(view)).mul_(inv_std.view(view))
+    return _channel_rows(call, grad, xhat, 3, 4, wants_norm)
+
+
+@register_op_rule("instance_norm", signature=("input", "running_mean", "running_var", "weight", "bias",
+                                              "use_input_stats", "momentum", "eps"), check=_channels_check,
+                  form=lambda c, slot: "affine sums")
+def instance_norm_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
+    """xhat from each sample's own statistics per channel (or the running ones when
+    use_input_stats is False), affine per channel."""
+    x = call.args[0]
+    acc = accum_dtype(x, grad)
+    flat = x.to(acc).reshape(x.shape[0], x.shape[1], -1)
+    eps = call.arg(7, 1e-5)
+    if call.arg(5, True):
+        var, mean = torch.var_mean(flat, dim=2, unbiased=False, keepdim=True)
+    else:
+        mean, var = call.args[1].to(acc).view(1, -1, 1), call.args[2].to(acc).view(1, -1, 1)
+    return _channel_rows(call, grad, (flat - mean).mul_(torch.rsqrt(var + eps)), 3, 4, wants_norm)
