@@ -39,6 +39,11 @@ class SampleShapeError(ValueError):
     """Samples of one pool have different shapes, so they cannot be scored in one batch."""
 
 
+class ZeroScoreWarning(UserWarning):
+    """No measured parameter reaches the score: every sample scores 0, and a ranking of them is
+    the pool order."""
+
+
 def warn_at_caller(message: str, category: type[Warning]) -> None:
     """``warnings.warn`` attributed to the first frame outside gradnorm_engine: the user's call."""
     frame, level = sys._getframe(0), 1

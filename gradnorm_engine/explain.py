@@ -3,7 +3,7 @@
     report = explain(model, batch)          # a loader batch, as score_pool reads it; same options
     print(report)                            # one line per parameter, grouped by how it is scored
     report.fallback                          # the parameters left to the slow exact fallback
-    report["encoder.layers.0.attn.in_proj_weight"].uses
+    report["encoder.layers.0.self_attn.in_proj_weight"].uses     # nn.TransformerEncoder's attention
 
 Per measured parameter, ``scored_by`` is one of
   "rule"          one op rule scores its norm in closed form (``uses``: the op and its form:
@@ -104,7 +104,15 @@ def explain(model: nn.Module, batch: Any, **options) -> Explanation:
     a tensor, a tuple, or a mapping, read as score_pool reads it), and why. Takes score_pool's
     options (score, params, logits_fn, input_key(s), num_inputs, label_key, device, autocast, ...).
     Runs one recorded forward and backward, as the backend does on a chunk, without the
-    self-check against the per-sample loop; changes nothing in the model."""
+    self-check against the per-sample loop; changes nothing in the model. The options that choose
+    how a pool is streamed (chunk_size, progress, max_memory) have nothing to act on here;
+    ``backend`` may only be "hooks" or "auto" (the other backends score every parameter their one
+    way: "vmap" by vmap(grad), "loop" by one backward per sample)."""
+    backend = options.get("backend")
+    if backend not in (None, "auto", "hooks"):
+        raise ValueError(f"explain describes the hooks backend, but backend={backend!r} was passed: that backend "
+                         "scores every parameter the same way (vmap: vmap(grad); loop: one backward per sample); "
+                         "leave backend out, or pass 'hooks'")
     checked = ScoringOptions.from_kwargs(options)
     job = checked.make_job(model)
     reader = checked.input_reader(job.model, needs_targets=job.loss_fn.needs_targets)

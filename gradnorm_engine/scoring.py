@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from .backends import Backend, resolve_backend
 from .backends.limits import autograd_limit
-from .errors import NonFiniteScoreError, SampleShapeError
+from .errors import NonFiniteScoreError, SampleShapeError, ZeroScoreWarning, warn_at_caller
 from .inputs import IgnoredInputWarning, InputReader, ModelInputs
-from .job import ScoringJob, eval_mode, on_device
+from .job import ScoringJob, eval_mode, measure_only, on_device
 from .loaders import as_pool, batch_size_hint, check_pool_loader, pool_length
 from .memory import is_out_of_memory
 from .options import ScoringOptions
@@ -112,6 +112,22 @@ def _warn_unused_inputs(batch, reader: InputReader) -> None:
             IgnoredInputWarning, stacklevel=6)   # the caller of score_pool or rank_unlabeled
 
 
+def check_score_reaches_parameters(job: ScoringJob, x: ModelInputs) -> None:
+    """ZeroScoreWarning when the score of a sample does not depend on any measured parameter:
+    every score is then 0 (exactly) and a ranking the pool order. The usual causes: a tuple output
+    whose first element is not the logits, logits computed under no_grad or detached, params=
+    naming parameters the logits do not use."""
+    with measure_only(job):
+        loss = job.losses(x)
+    if loss.requires_grad:
+        return
+    warn_at_caller(
+        "the score does not depend on any measured parameter, so every sample scores 0 and a ranking is the "
+        "pool order: the logits (a tensor output itself, a tuple's first element, a mapping's 'logits') are "
+        "computed without the parameters, or detached, or params= names parameters the logits do not use; "
+        "pass logits_fn= to pick the output that holds the logits, or other params=", ZeroScoreWarning)
+
+
 def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: InputReader, *,
                    per_chunk: ChunkResult, progress: bool) -> torch.Tensor:
     total = pool_length(loader)
@@ -153,6 +169,7 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
             stream.push(x, seen)
             seen += len(x)
             if chunk is None:
+                check_score_reaches_parameters(job, x[:1])
                 chunk = max(1, int(engine.chunk_size(x[:1])))
             while stream.count >= chunk:
                 run(stream.pop(chunk))

@@ -314,6 +314,7 @@ def test_the_fallback_share_is_warned_once_per_job_naming_the_parameters():
     assert [p.name for p in explain(model, x).fallback] == ["scale"]
     found = _share_warnings(model, x, chunk_size=2)          # 5 chunks, over two loader batches
     assert len(found) == 1
+    assert found[0].filename == __file__          # attributed to the user's call, not the engine
     message = str(found[0].message)
     assert "scale (" + NO_GRAPH in message
     assert "explain(model, batch)" in message and "among them the largest: scale" in message
@@ -336,3 +337,12 @@ def test_a_tiny_share_outside_the_largest_tensors_is_not_warned():
     assert [p.name for p in report.fallback] == ["scale"], str(report)
     assert report.fallback_share == 1 / 156
     assert _share_warnings(model, x, chunk_size=2) == []
+
+
+@pytest.mark.parametrize("backend", ["vmap", "loop"])
+def test_explain_refuses_another_backend_in_one_line(backend):
+    model, x = _every_kind()
+    with pytest.raises(ValueError, match=f"explain describes the hooks backend, but backend='{backend}'") as info:
+        explain(model, x, backend=backend)
+    assert "\n" not in str(info.value)
+    assert explain(model, x, backend="hooks").parameters == explain(model, x, backend="auto").parameters

@@ -32,12 +32,12 @@ What the backend learns while it runs (``_Downgrades``):
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..errors import warn_at_caller
 from ..inputs import ModelInputs
 from ..job import Objective, ScoringJob, measure_only
 from ..memory import activation_elems, chunk_budget, is_out_of_memory
@@ -196,12 +196,11 @@ class HooksBackend(Backend):
         state.warned_share = True
         shown = "; ".join(f"{n} ({self.last_reasons[n]})" for n, _ in fallback[:4])
         more = f"; and {len(fallback) - 4} more" if len(fallback) > 4 else ""
-        warnings.warn(
+        warn_at_caller(
             f"backend='hooks': {len(fallback)} parameter tensor(s) holding {share:.0%} of the measured entries"
             f"{' (among them the largest: ' + ', '.join(big) + ')' if big else ''} are scored by the exact "
             f"fallback (vmap/loop), which is much slower than the rules: {shown}{more}. "
-            "gradnorm_engine.explain(model, batch) says how every parameter is scored and why.",
-            FallbackShareWarning, stacklevel=4)
+            "gradnorm_engine.explain(model, batch) says how every parameter is scored and why.", FallbackShareWarning)
 
     def _all_by_fallback(self, x: ModelInputs, objective: Objective | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -232,13 +231,19 @@ class HooksBackend(Backend):
             return True
         names = [job.params[j // out.shape[1]][0] for j in bad.any(dim=0).nonzero().flatten().tolist()]
         shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
-        warnings.warn(
-            f"backend='hooks': the rules disagree with the per-sample loop for {shown}; the recording "
-            "probably guessed where the samples are wrong (a tensor expanded to the batch size along a dim "
-            "that is not the batch: sequence-first data whose length equals the batch size), or the model "
-            "mixes samples. Scoring continues exactly, but more slowly, through vmap/loop; pass "
-            "backend='vmap' to skip this check.",
-            HooksFallbackWarning, stacklevel=3)
+        if out.dtype == torch.float64:
+            cause = ("the recording probably guessed where the samples are wrong (a tensor expanded to the batch "
+                     "size along a dim that is not the batch: sequence-first data whose length equals the batch "
+                     "size), or the model treats a batch otherwise than a sample alone (it reads the batch size)")
+        else:
+            cause = (f"in {str(out.dtype).replace('torch.', '')}{' autocast' if job.autocast else ''} the usual "
+                     "cause is rounding, not the rules: the model's batched kernels round differently from a "
+                     "single sample's, and an ill-conditioned sample magnifies it beyond the check's tolerance "
+                     "(the float64 model, model.double() with float64 inputs, tells the two apart); else the "
+                     "recording guessed where the samples are wrong, or the model reads the batch size")
+        warn_at_caller(
+            f"backend='hooks': the rules disagree with the per-sample loop for {shown}; {cause}. The job "
+            "continues through vmap/loop, more slowly; pass backend='vmap' to skip this check.", HooksFallbackWarning)
         return False
 
     def _fallback(self, params: list[tuple[str, nn.Parameter]]) -> Backend:

@@ -21,11 +21,10 @@ exact fallback; ``RulePass.uses`` says how each one was scored (for ``gradnorm_e
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
+from ..errors import warn_at_caller
 from ..inputs import ModelInputs
 from ..job import Objective, ScoringJob
 from ..memory import is_out_of_memory
@@ -313,16 +312,14 @@ def _same_computation(sub: type, cls: type) -> bool:
 
 
 def _warn_rule_failed(rule, module: nn.Module, err: Exception) -> None:
-    warnings.warn(
+    warn_at_caller(
         f"backend='hooks': the norm rule {rule_name(rule)} failed on a {type(module).__name__} "
         f"({type(err).__name__}: {err}); that layer's parameters are scored exactly by the fallback "
-        "(vmap/loop), more slowly. Register a rule for this layer type to speed it up.",
-        HooksFallbackWarning, stacklevel=2)
+        "(vmap/loop), more slowly. Register a rule for this layer type to speed it up.", HooksFallbackWarning)
 
 
 def _warn_op_rule_failed(call, err: Exception) -> None:
-    warnings.warn(
+    warn_at_caller(
         f"backend='hooks': the rule {call.rule.name} for `{call.name}` failed ({type(err).__name__}: {err}); "
         "the parameters it takes are scored exactly by the fallback (vmap/loop), more slowly. "
-        "gradnorm_engine.explain(model, batch) shows what each parameter is scored by.",
-        HooksFallbackWarning, stacklevel=2)
+        "gradnorm_engine.explain(model, batch) shows what each parameter is scored by.", HooksFallbackWarning)
