@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The hooks backend against a training step of the same model, one row per benchmark workload
-# (issue 15's CPU targets: each >= 0.9x), printed as markdown:
+# (the CPU targets of bench/results/transformers-cpu.md: each >= 0.9x), printed as markdown:
 #
 #   bash bench/hooks_rows.sh [ENGINE_CHECKOUT] > rows.md
 #
@@ -15,7 +15,7 @@ repeats="${REPEATS:-9}"
 python="${PYTHON:-python}"
 echo "engine: $engine ($(git -C "$engine" rev-parse --short HEAD 2>/dev/null || echo '?'))"
 echo
-# model:batch (ResNet-50 at batch 8, as issue 15 measured it; the rest at 32)
+# model:batch (ResNet-50 at batch 8, as first measured; the rest at 32)
 for row in vit:32 swin_t:32 convnext_tiny:32 resnet50:8 bert:32 cifar_resnet18:32; do
   model="${row%%:*}"; batch="${row##*:}"
   PYTHONPATH="$engine:$here" "$python" "$here/hooks_vs_training_step.py" --model "$model" --batch "$batch" \
