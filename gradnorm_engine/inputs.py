@@ -156,11 +156,14 @@ class InputReader:
         """The model inputs of one loader batch (see the module docstring), and its labels when
         the score needs them."""
         inputs = self._inputs(batch)
+        _check_leading_sizes(inputs)
         if not self.needs_targets:
             return inputs
         targets = _checked(self.targets(batch), "the labels of the loader batch")
         if targets.shape[0] != len(inputs):
-            raise ValueError(f"the loader batch holds {len(inputs)} inputs but {targets.shape[0]} labels")
+            raise ValueError(f"the loader batch holds {len(inputs)} inputs but {targets.shape[0]} labels (leading, "
+                             "dim 0 sizes); every tensor of a batch must hold one row per sample, its labels "
+                             "included, so check the dataset's items and the collate_fn")
         return ModelInputs(inputs.args, inputs.kwargs, targets)
 
     def targets(self, batch: Any) -> torch.Tensor:
@@ -220,6 +223,20 @@ class InputReader:
         candidates = [k for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in passed
                       and k not in LABEL_KEYS and k != self.label_key and k not in self.exclude_keys]
         return [k for k in candidates if k in AUXILIARY_INPUT_KEYS or k in self.named]
+
+
+def _check_leading_sizes(inputs: ModelInputs) -> None:
+    """Every tensor passed to the model holds one row per sample: the same size on dim 0. A batch
+    whose tensors disagree (an attention mask of another batch) would otherwise be scored as the
+    first tensor's samples, or fail deep in a backend."""
+    sizes = [int(t.shape[0]) for t in inputs.tensors()]
+    if len(set(sizes)) <= 1:
+        return
+    names = [f"element {i}" for i in range(len(inputs.args))] + [repr(k) for k in inputs.kwargs]
+    shown = ", ".join(f"{name} has {size}" for name, size in zip(names, sizes))
+    raise ValueError(f"the tensors of a loader batch differ in their leading (dim 0) size: {shown}; every tensor "
+                     "of a batch must hold one row per sample (dim 0 = the samples), so check the dataset's "
+                     "items and the collate_fn")
 
 
 def _checked(x: Any, what: str) -> torch.Tensor:
@@ -297,6 +314,11 @@ def resolve_logits_fn(logits_fn: Callable[[Any], torch.Tensor] | None) -> Callab
 
 
 def check_logits(logits, batch: int) -> torch.Tensor:
+    if isinstance(logits, torch.Tensor) and not logits.is_floating_point():
+        raise TypeError(
+            f"logits must be floating-point, got dtype {logits.dtype} (shape {tuple(logits.shape)}): the scores "
+            "take a softmax of them and differentiate it; the model must return floating-point logits, or pass "
+            "logits_fn= to pick the floating-point logits from its output or convert them")
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         hint = ("; the engine scores chunks of any size, one sample included (vmap and the loop always run "

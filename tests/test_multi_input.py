@@ -106,3 +106,45 @@ def test_rank_unlabeled_on_a_padded_pool_ranks_as_the_reference(bag):
     want = loop_reference(bag, pool)
     res = rank_unlabeled(bag, DataLoader(pool, batch_size=3, collate_fn=pad_collate), k=5, progress=False)
     assert torch.equal(res.indices, torch.argsort(want, descending=True, stable=True)[:5])
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("mask_rows", [2, 6])
+@pytest.mark.parametrize("padded", [False, True])
+def test_tensors_of_one_batch_with_other_leading_sizes_are_refused_by_name(bag, backend, mask_rows, padded):
+    """An attention mask of 2 (or 6) rows next to input ids of 4 used to score 4 samples silently
+    (the mask's missing or extra rows never looked at), or, padded, raise an IndexError deep in the
+    hooks recording; every tensor passed must hold one row per sample."""
+    ids = torch.randint(1, 30, (4, 11))
+    mask = torch.ones(mask_rows, 11, dtype=torch.long)
+    if padded:
+        mask[:, 8:] = 0
+    for chunk_size in (None, 2):
+        with pytest.raises(ValueError, match=r"'input_ids' has 4, 'attention_mask' has "
+                                             rf"{mask_rows}; every tensor of a batch must hold one row per sample"):
+            score_pool(bag, [{"input_ids": ids, "attention_mask": mask}], backend=backend, chunk_size=chunk_size,
+                       progress=False)
+    with pytest.raises(ValueError, match=rf"element 0 has 4, element 1 has {mask_rows}; every tensor"):
+        score_pool(bag, [(ids, mask)], num_inputs=2, progress=False)
+    # the same in rank_unlabeled, and in a later batch of the pool (not only the first)
+    good = {"input_ids": ids, "attention_mask": torch.ones(4, 11, dtype=torch.long)}
+    with pytest.raises(ValueError, match="one row per sample"):
+        rank_unlabeled(bag, [good, {"input_ids": ids, "attention_mask": mask}], k=2, progress=False)
+
+
+def test_labels_of_another_leading_size_are_refused_with_the_fix(bag):
+    pool = TokenPool()
+    batch = pad_collate([pool[i] for i in range(4)])
+    batch["labels"] = batch["labels"][:3]
+    with pytest.raises(ValueError, match="4 inputs but 3 labels.*one row per sample, its labels included"):
+        score_pool(bag, [batch], score="cross_entropy", progress=False)
+
+
+def test_entries_that_are_not_passed_need_no_row_per_sample(bag):
+    """What is not passed to the model (a 0-d index, a list of strings, an unused tensor of other rows)
+    is not checked: only the model's inputs (and the labels a label-aware score reads) must agree."""
+    pool = TokenPool()
+    batch = pad_collate([pool[i] for i in range(4)])
+    want = score_pool(bag, [batch], progress=False)
+    extra = dict(batch, idx=torch.tensor(3), text=["a", "b"], other=torch.zeros(7))
+    assert torch.equal(score_pool(bag, [extra], progress=False), want)
