@@ -9,7 +9,7 @@ engine shards the pool itself under torchrun). A sampler given as a fixed list o
 fine: the positions then count along that list.
 
 A torch ``Dataset`` given as the pool is read in order through a DataLoader the engine makes
-(``as_pool``). An ``IterableDataset`` read by several workers yields its whole stream from every
+(``as_pool``); so is a tensor, a pool of its rows (as ``[x]``, not one batch per row). An ``IterableDataset`` read by several workers yields its whole stream from every
 worker unless it splits the stream itself, so it is refused unless it shows that it does. A pool
 whose dataset applies random transforms (training augmentation) scores other samples on every
 pass: that warns (``RandomTransformWarning``).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import types
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 from torch.utils.data import (DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
                               SubsetRandomSampler, WeightedRandomSampler)
@@ -37,7 +38,16 @@ class RandomTransformWarning(UserWarning):
 def as_pool(pool) -> Iterable:
     """What the engine iterates for ``pool``: a torch Dataset becomes a DataLoader reading it in
     order (batches of ``DATASET_BATCH_SIZE``, one pass); a DataLoader or any other iterable of
-    batches is itself. Raises TypeError for what cannot be a pool."""
+    batches is itself. A tensor is a pool of its rows (as ``[x]``, one batch that the engine chunks):
+    a DataLoader over it, so that it is sharded like any other. Raises TypeError for what cannot be
+    a pool."""
+    if isinstance(pool, torch.Tensor):
+        if pool.dim() == 0:
+            raise TypeError("the pool is a 0-d tensor; a tensor pool holds one sample per row (dim 0), e.g. "
+                            "[N, C, H, W] images")
+        # Rows read in order and stacked back: the batches of [x], cut where the engine's chunks do not
+        # depend on it (scores are the same for any batch size).
+        return DataLoader(pool, batch_size=DATASET_BATCH_SIZE)
     if isinstance(pool, Dataset) and (isinstance(pool, IterableDataset) or not hasattr(type(pool), "__iter__")):
         if not isinstance(pool, IterableDataset):
             try:

@@ -190,3 +190,52 @@ def test_torchvision_training_transforms_are_recognised():
                   v2.Compose([v2.RandomResizedCrop(6, antialias=True), v2.ColorJitter(0.1)])):
         assert len(_warnings_of(Tensors(train))) == 1
     assert _warnings_of(Tensors(transforms.Compose([transforms.Normalize((0.5,), (0.25,))]))) == []
+
+
+# --- a tensor given as the pool ----------------------------------------------------------------
+
+def test_a_tensor_is_a_pool_of_its_rows():
+    """A tensor given as the pool used to be iterated row by row, each sample [1, 6, 6] taken as a
+    whole batch ("mat1 and mat2 shapes cannot be multiplied"); it is a pool of its rows, as [x]."""
+    from gradnorm_engine import expected_gradient_length, per_parameter_sqnorms
+
+    model, x = make_model(), make_images(70)   # more than one of the engine's reading batches
+    want = score_pool(model, [x], progress=False)
+    assert want.shape == (70,)
+    assert torch.equal(score_pool(model, x, progress=False), want)
+    assert torch.equal(score_pool(model, DataLoader(TensorDataset(x), batch_size=9), progress=False), want)
+    assert torch.equal(score_pool(model, x, chunk_size=4, progress=False),
+                       score_pool(model, [x], chunk_size=4, progress=False))
+    res = rank_unlabeled(model, x, k=5, progress=False)
+    assert torch.equal(res.indices, torch.argsort(want, descending=True, stable=True)[:5]) and res.pool_size == 70
+    assert torch.equal(per_parameter_sqnorms(model, x, progress=False)[0],
+                       per_parameter_sqnorms(model, [x], progress=False)[0])
+    assert torch.equal(expected_gradient_length(model, x, progress=False),
+                       expected_gradient_length(model, [x], progress=False))
+    flat = nn.Linear(5, 3)   # a 2-D pool [N, D]: N samples, not N batches of D
+    x2 = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(score_pool(flat, x2, progress=False), score_pool(flat, [x2], progress=False))
+
+
+def test_a_tensor_pool_shards_into_the_blocks_of_its_rows():
+    """Under torch.distributed each rank scores its block of the rows (the DataLoader the engine makes
+    for the tensor is sharded like any other): the blocks' scores put together are the pool's."""
+    from gradnorm_engine.distributed.sharding import check_shardable, loader_order, shard_loader
+    from gradnorm_engine.loaders import as_pool
+
+    model, x = make_model(), make_images(23)
+    want = score_pool(model, x, progress=False)
+    loader = as_pool(x)
+    check_shardable(loader)
+    for world in (2, 3):
+        blocks = [shard_loader(loader, rank, world, loader_order(loader)) for rank in range(world)]
+        assert [(start, stop) for _, start, stop in blocks] == [
+            (r * (23 // world) + min(r, 23 % world), (r + 1) * (23 // world) + min(r + 1, 23 % world))
+            for r in range(world)]
+        got = torch.cat([score_pool(model, block, progress=False) for block, _, _ in blocks])
+        assert torch.equal(got, want)
+
+
+def test_a_0d_tensor_is_not_a_pool():
+    with pytest.raises(TypeError, match="pool is a 0-d tensor; a tensor pool holds one sample per row"):
+        score_pool(make_model(), torch.tensor(1.0), progress=False)
