@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name
+from .devices import check_device
 from .inputs import InputReader
 from .job import ScoringJob, make_job
 from .reduction import check_norm
@@ -46,6 +47,8 @@ class ScoringOptions:
     def __post_init__(self):
         check_norm(self.norm)
         check_backend_name(self.backend)
+        if self.device is not None:
+            check_device(self.device)   # an unknown name or a missing CUDA, in one line before any sample is read
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive number of samples, got {self.chunk_size}")
         for name in ("input_keys", "exclude_keys"):

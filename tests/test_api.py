@@ -470,3 +470,80 @@ def test_a_model_on_the_meta_device_is_refused_in_one_line():
                                              r"meta device .*to_empty.*assign=True") as info:
             score_pool(model, [torch.randn(3, 6)], progress=False, **kw)
         assert "\n" not in str(info.value)
+
+
+# --- the device option ------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message shown where no GPU is visible")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_device_cuda_without_cuda_is_one_line_with_the_fix(device):
+    """device='cuda' on a machine without CUDA used to raise torch's "Found no NVIDIA driver on your
+    system" from deep inside the model's move."""
+    from gradnorm_engine import explain
+    from gradnorm_engine.errors import UsageError
+
+    name = str(device)
+    want = (rf"^device='{name}' but CUDA is not available on this machine \(torch.cuda.is_available\(\) is "
+            r"False\); pass device='cpu' or leave device unset$")
+    model, x = nn.Linear(5, 3), torch.randn(4, 5)
+    for call in (lambda: score_pool(model, [x], device=device, progress=False),
+                 lambda: rank_unlabeled(model, [x], k=2, device=device, progress=False),
+                 lambda: explain(model, x, device=device)):
+        with pytest.raises(UsageError, match=want):
+            call()
+    assert model.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu9", "cuda:x", ""])
+def test_an_unknown_device_name_lists_the_valid_forms(device):
+    """device='gpu' used to raise torch's "Expected one of cpu, cuda, ipu, xpu, mkldnn, ... device type
+    at start of device string: gpu"."""
+    from gradnorm_engine.errors import UsageError
+
+    with pytest.raises(UsageError, match=rf"^unknown device device='{device}'; use 'cpu', 'cuda', 'cuda:N' "
+                                         r"\(N a GPU index\), 'mps', or a torch.device, or leave device unset$"):
+        score_pool(nn.Linear(5, 3), [torch.randn(4, 5)], device=device, progress=False)
+
+
+def test_the_command_line_device_is_checked_by_the_same_rule():
+    from gradnorm_engine.devices import resolve_device
+    from gradnorm_engine.errors import UsageError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match=r"^unknown device --device gpu; use cpu, cuda, cuda:N \(N a GPU index\) "
+                                         r"or mps, or leave --device unset$"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match=r"^--device cuda but CUDA is not available on this machine .* pass "
+                                             r"--device cpu or leave --device unset$"):
+            resolve_device("cuda")
+
+
+# --- a model that fails on the pool's inputs ------------------------------------------------------
+
+def test_an_error_of_the_model_in_the_one_sample_probe_says_where_it_came_from():
+    """The engine's one-sample memory probe ran a model fed the wrong width and let torch's "mat1 and
+    mat2 shapes cannot be multiplied (1x7 and 5x3)" through with nothing saying that the 1 is one sample
+    the engine chose, not the user's batch of 4. The model's own exception stays, with a note."""
+    from gradnorm_engine.inputs import ModelInputs
+    from gradnorm_engine.memory import activation_elems
+
+    model = nn.Linear(5, 3)
+    with pytest.raises(RuntimeError, match=r"1x7 and 5x3") as caught:
+        activation_elems(model, torch.randn(1, 7))
+    notes = getattr(caught.value, "__notes__", [])
+    assert len(notes) == 1 and "one sample of the pool, inputs (1, 7)" in notes[0] and "to size its chunks" in notes[0]
+
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, input_ids, attention_mask):
+            raise KeyError("no such token")
+
+    with pytest.raises(KeyError) as caught:   # its own type, whatever it is
+        ids = torch.zeros(1, 6, dtype=torch.long)
+        activation_elems(Picky(), ModelInputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    assert "input_ids=(1, 6), attention_mask=(1, 6)" in caught.value.__notes__[0]
+    assert activation_elems(model, torch.randn(1, 5)) == 5   # a model that runs: as before (max of 3 out, 5 in)
