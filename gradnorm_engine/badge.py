@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .devices import check_device
 from .inputs import InputReader, default_logits
 from .job import eval_mode, model_device, on_device
-from .loaders import check_pool_loader
+from .loaders import as_pool, check_pool_loader
 
 
 def gradient_embedding_factors(features: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,9 +85,10 @@ def last_layer_features(model: nn.Module, loader: Iterable, *, layer: nn.Module 
     """The input h [N, D] of the layer producing the logits, and the probabilities p [N, C], in
     pool order (eval mode, no gradients).  ``layer``: that layer (default: the last nn.Linear
     of ``model.modules()``); its output must be the logits themselves."""
+    loader = as_pool(loader)
     check_pool_loader(loader)
     layer = layer or _last_linear(model)
-    device = torch.device(device) if device is not None else model_device(model)
+    device = check_device(device) if device is not None else model_device(model)
     reader = InputReader(model, **input_options)
     logits_fn = logits_fn or default_logits
     captured: list[torch.Tensor] = []

@@ -25,7 +25,7 @@ from .backends import Backend, resolve_backend
 from .backends.limits import autograd_limit
 from .errors import NonFiniteScoreError, SampleShapeError, ZeroScoreWarning, warn_at_caller
 from .inputs import IgnoredInputWarning, InputReader, ModelInputs
-from .job import ScoringJob, eval_mode, measure_only, on_device
+from .job import ScoringJob, eval_mode, on_device
 from .loaders import as_pool, batch_size_hint, check_pool_loader, pool_length
 from .memory import is_out_of_memory
 from .options import ScoringOptions
@@ -112,20 +112,18 @@ def _warn_unused_inputs(batch, reader: InputReader) -> None:
             IgnoredInputWarning, stacklevel=6)   # the caller of score_pool or rank_unlabeled
 
 
-def check_score_reaches_parameters(job: ScoringJob, x: ModelInputs) -> None:
-    """ZeroScoreWarning when the score of a sample does not depend on any measured parameter:
-    every score is then 0 (exactly) and a ranking the pool order. The usual causes: a tuple output
-    whose first element is not the logits, logits computed under no_grad or detached, params=
-    naming parameters the logits do not use."""
-    with measure_only(job):
-        loss = job.losses(x)
-    if loss.requires_grad:
-        return
-    warn_at_caller(
-        "the score does not depend on any measured parameter, so every sample scores 0 and a ranking is the "
-        "pool order: the logits (a tensor output itself, a tuple's first element, a mapping's 'logits') are "
-        "computed without the parameters, or detached, or params= names parameters the logits do not use; "
-        "pass logits_fn= to pick the output that holds the logits, or other params=", ZeroScoreWarning)
+def warn_if_every_score_is_zero(scores: torch.Tensor) -> None:
+    """ZeroScoreWarning when every sample scored exactly 0: a ranking is then the pool order. The
+    usual cause is a score that no measured parameter reaches: a tuple output whose first element
+    is not the logits, logits computed under no_grad or detached, params= naming parameters the
+    logits do not use."""
+    if scores.numel() and not bool(scores.any()):
+        warn_at_caller(
+            "every sample scored 0, so a ranking is the pool order: the score does not depend on any measured "
+            "parameter, most likely: the logits (a tensor output itself, a tuple's first element, a mapping's "
+            "'logits') are computed without the parameters, or detached, or params= names parameters the logits "
+            "do not use; pass logits_fn= to pick the output that holds the logits, or other params=",
+            ZeroScoreWarning)
 
 
 def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: InputReader, *,
@@ -169,7 +167,6 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
             stream.push(x, seen)
             seen += len(x)
             if chunk is None:
-                check_score_reaches_parameters(job, x[:1])
                 chunk = max(1, int(engine.chunk_size(x[:1])))
             while stream.count >= chunk:
                 run(stream.pop(chunk))
@@ -192,4 +189,5 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
         raise NonFiniteScoreError(
             f"{bad.numel()} sample(s) got a non-finite score (NaN or Inf in the sample or its logits), at "
             f"pool positions {shown}; clean or drop those samples, or check the model for overflow", bad.tolist())
+    warn_if_every_score_is_zero(scores)
     return scores

@@ -82,3 +82,18 @@ def test_badge_reads_the_input_of_the_layer_producing_the_logits():
     with pytest.raises(ValueError, match="not the model's logits"):
         last_layer_features(nn.Sequential(body, head, nn.Softmax(dim=1)), loader, progress=False)
     assert last_layer_features(scaled, loader, progress=False)[0].shape == (20, 6)
+
+
+def test_badge_takes_a_tensor_or_a_dataset_as_the_pool_and_checks_the_device():
+    """A tensor pool is its rows and a Dataset is read in order, as score_pool reads them (a tensor
+    was iterated row by row, each row taken for a batch); device= is checked in one line."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(20, 4, dtype=torch.float64)
+    want = last_layer_features(model, [x], progress=False)
+    for pool in (x, TensorDataset(x)):
+        got = last_layer_features(model, pool, progress=False)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="unknown device") as info:
+        last_layer_features(model, x, device="gpu", progress=False)
+    assert "\n" not in str(info.value)
