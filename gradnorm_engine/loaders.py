@@ -9,8 +9,9 @@ engine shards the pool itself under torchrun). A sampler given as a fixed list o
 fine: the positions then count along that list.
 
 A torch ``Dataset`` given as the pool is read in order through a DataLoader the engine makes
-(``as_pool``); so is a tensor, a pool of its rows (as ``[x]``, not one batch per row). An ``IterableDataset`` read by several workers yields its whole stream from every
-worker unless it splits the stream itself, so it is refused unless it shows that it does. A pool
+(``as_pool``); so is a tensor, a pool of its rows (as ``[x]``, not one batch per row). An
+``IterableDataset`` read by several workers yields its whole stream from every worker unless it
+splits the stream itself, so it is refused unless it shows that it does. A pool
 whose dataset applies random transforms (training augmentation) scores other samples on every
 pass: that warns (``RandomTransformWarning``).
 """
