@@ -32,6 +32,13 @@ def check_device(device: str | torch.device | int, flag: str | None = None) -> t
         if resolved.index is not None and resolved.index >= count:
             raise UsageError(f"{said} but this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}; "
                              f"pass one of those, or {unset}")
+    if resolved.type == "meta":
+        raise UsageError(f"{said} holds no data: the model moved there would lose its weights and no score can be "
+                         f"computed; pass {cpu}, a GPU, or {unset}")
+    backend = getattr(torch, resolved.type, None) if resolved.type not in ("cpu", "cuda", "mps") else None
+    if backend is not None and callable(getattr(backend, "is_available", None)) and not backend.is_available():
+        raise UsageError(f"{said} but {resolved.type} is not available on this machine (torch.{resolved.type}"
+                         f".is_available() is False); pass {cpu} or {unset}")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"{said} but MPS is not available on this machine (torch.backends.mps.is_available() "
                          f"is False); pass {cpu} or {unset}")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backends import check_backend_name
 from .backends.hooks import HooksBackend
 from .backends.rule_pass import RulePass, RulePlan
 from .job import eval_mode, measure_only, on_device
@@ -109,6 +110,8 @@ def explain(model: nn.Module, batch: Any, **options) -> Explanation:
     ``backend`` may only be "hooks" or "auto" (the other backends score every parameter their one
     way: "vmap" by vmap(grad), "loop" by one backward per sample)."""
     backend = options.get("backend")
+    if backend is not None:
+        check_backend_name(backend)
     if backend not in (None, "auto", "hooks"):
         raise ValueError(f"explain describes the hooks backend, but backend={backend!r} was passed: that backend "
                          "scores every parameter the same way (vmap: vmap(grad); loop: one backward per sample); "

@@ -45,7 +45,10 @@ def score_here(model: nn.Module, loader: Iterable, options: ScoringOptions, per_
     """
     loader = as_pool(loader)
     check_pool_loader(loader)
-    return score_stream(options.make_job(model), loader, options, progress=options.progress, per_chunk=per_chunk)
+    scores, backend = score_stream(options.make_job(model), loader, options, progress=options.progress,
+                                   per_chunk=per_chunk)
+    warn_if_every_score_is_zero(scores)
+    return scores, backend
 
 
 def score_stream(job: ScoringJob, loader: Iterable, options: ScoringOptions, *, progress: bool,
@@ -113,7 +116,9 @@ def _warn_unused_inputs(batch, reader: InputReader) -> None:
 
 
 def warn_if_every_score_is_zero(scores: torch.Tensor) -> None:
-    """ZeroScoreWarning when every sample scored exactly 0: a ranking is then the pool order. The
+    """ZeroScoreWarning when every sample scored exactly 0 (``scores``: the whole pool's, or its
+    top k, which are all 0 only when every score is: scores are norms): a ranking is then the pool
+    order. Decided on the whole pool, never on one rank's block. The
     usual cause is a score that no measured parameter reaches: a tuple output whose first element
     is not the logits, logits computed under no_grad or detached, params= naming parameters the
     logits do not use."""
@@ -189,5 +194,4 @@ def _stream_scores(job: ScoringJob, engine: Backend, loader: Iterable, reader: I
         raise NonFiniteScoreError(
             f"{bad.numel()} sample(s) got a non-finite score (NaN or Inf in the sample or its logits), at "
             f"pool positions {shown}; clean or drop those samples, or check the model for overflow", bad.tolist())
-    warn_if_every_score_is_zero(scores)
     return scores

@@ -505,6 +505,26 @@ def test_an_unknown_device_name_lists_the_valid_forms(device):
         score_pool(nn.Linear(5, 3), [torch.randn(4, 5)], device=device, progress=False)
 
 
+def test_the_meta_device_is_refused_before_the_model_is_moved():
+    """device='meta' moved the model there and could not move it back: its weights were gone."""
+    from gradnorm_engine.errors import UsageError
+
+    model = nn.Linear(5, 3)
+    weight = model.weight.detach().clone()
+    with pytest.raises(UsageError, match="device='meta' holds no data"):
+        score_pool(model, [torch.randn(4, 5)], device="meta", progress=False)
+    assert model.weight.device.type == "cpu" and torch.equal(model.weight.detach(), weight)
+
+
+@pytest.mark.skipif(not hasattr(torch, "xpu") or torch.xpu.is_available(), reason="needs torch.xpu without an XPU")
+def test_a_device_type_this_machine_lacks_is_refused_in_one_line():
+    """device='xpu' failed deep inside with 'Torch not compiled with XPU enabled'."""
+    from gradnorm_engine.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^device='xpu' but xpu is not available on this machine"):
+        score_pool(nn.Linear(5, 3), [torch.randn(4, 5)], device="xpu", progress=False)
+
+
 def test_the_command_line_device_is_checked_by_the_same_rule():
     from gradnorm_engine.devices import resolve_device
     from gradnorm_engine.errors import UsageError

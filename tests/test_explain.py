@@ -346,3 +346,10 @@ def test_explain_refuses_another_backend_in_one_line(backend):
         explain(model, x, backend=backend)
     assert "\n" not in str(info.value)
     assert explain(model, x, backend="hooks").parameters == explain(model, x, backend="auto").parameters
+
+
+def test_explain_names_an_unknown_backend_as_unknown():
+    model, x = _every_kind()
+    with pytest.raises(ValueError, match="nope") as info:
+        explain(model, x, backend="nope")
+    assert "explain describes the hooks backend" not in str(info.value)

@@ -18,7 +18,7 @@ from torch import nn
 from ..loaders import as_pool, check_pool_loader, items_are_batches
 from ..options import ScoringOptions
 from ..ranking import RankResult, check_k, check_k_fits
-from ..scoring import ChunkResult, score_stream
+from ..scoring import ChunkResult, score_stream, warn_if_every_score_is_zero
 from .exchange import (DistributedScoringError, RankStatus, ScoredBlock, agree_before_scoring, control_group,
                        exchange_status, gather_scores, gather_top_k, picklable)
 from .fingerprint import content_digest
@@ -33,7 +33,9 @@ def score_pool_sharded(model: nn.Module, loader: Iterable, options: dict, per_ch
     gathers [N, G]); ``what`` names it in the ranks' agreement.
     """
     block, _ = _score_own_block(model, loader, options, per_chunk=per_chunk, what=what)
-    return gather_scores(block)
+    scores = gather_scores(block)
+    warn_if_every_score_is_zero(scores)
+    return scores
 
 
 def rank_unlabeled_sharded(model: nn.Module, loader: Iterable, k, options: dict) -> RankResult:
@@ -43,6 +45,7 @@ def rank_unlabeled_sharded(model: nn.Module, loader: Iterable, k, options: dict)
     k = check_k(k)   # passed on every rank in the agreement before scoring: cannot fail here
     check_k_fits(k, block.pool_size)
     scores, positions = gather_top_k(block, k)
+    warn_if_every_score_is_zero(scores)
     return RankResult(indices=positions, scores=scores, pool_size=block.pool_size, backend=block.backend,
                       norm=checked.norm)
 

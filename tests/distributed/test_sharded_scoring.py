@@ -234,6 +234,33 @@ def al_under_torchrun(outdir: str) -> dict:
             "run_into_used_folder": again}
 
 
+def squared_logits(logits: torch.Tensor) -> torch.Tensor:
+    """A score whose gradient is exactly 0 where the logits are: 0 for a zero input and a zero bias."""
+    return logits.pow(2).sum(dim=1)
+
+
+def zero_score_warnings() -> tuple:
+    """ZeroScoreWarnings (score_pool, rank_unlabeled) for a pool whose first half scores exactly 0
+    (one rank's whole block: no warning, the pool's ranking is not its order) and for a pool that
+    scores 0 throughout (every rank warns, once per call)."""
+    import warnings
+
+    from gradnorm_engine.errors import ZeroScoreWarning
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    nn.init.zeros_(lin.bias)
+    half = torch.randn(12, 4)
+    half[:6] = 0
+    counts = []
+    for x in (half, torch.zeros(12, 4)):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            score_pool(lin, x, score=squared_logits, progress=False)
+            rank_unlabeled(lin, x, 2, score=squared_logits, progress=False)
+        counts.append(sum(issubclass(w.category, ZeroScoreWarning) for w in record))
+    return tuple(counts)
+
+
 def failure_details(model: nn.Module) -> tuple:
     """(ranks in .failures, the chained cause's type or None) of a call where one rank fails."""
     try:
@@ -271,6 +298,7 @@ def run_checks(outdir: str) -> dict:
         "failing_rank_topk": lambda: rank_unlabeled(
             model, DataLoader(FailingDataset(make_inputs(), FAIL_AT), batch_size=4), 3, progress=False),
         "failure_details": lambda: failure_details(model),
+        "zero_score_warnings": zero_score_warnings,
         "after_failure": lambda: score_pool(model, pool_loader(), progress=False),
         "tiny_pool": lambda: (score_pool(model, DataLoader(make_inputs()[:2], batch_size=4), chunk_size=1,
                                          progress=False),
@@ -505,6 +533,13 @@ def test_distributed_false_scores_the_whole_pool_on_every_rank(ranks, reference)
         scores, ranked = results["opt_out"]
         assert_same(scores, reference["score_pool"], "opt-out scores")
         assert_same(ranked, reference["rank_k"], "opt-out ranking")
+
+
+def test_the_zero_score_warning_is_decided_on_the_whole_pool_on_every_rank(ranks):
+    """A rank whose block scores 0 while others do not warned alone that the ranking was the pool
+    order; now no rank warns then, and every rank warns once per call when the whole pool is 0."""
+    for r, results in enumerate(ranks):
+        assert results["zero_score_warnings"] == (0, 2), f"rank {r} of {len(ranks)}"
 
 
 @pytest.mark.parametrize("check", ["failing_rank", "failing_rank_topk"])
