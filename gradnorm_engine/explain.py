@@ -139,7 +139,7 @@ def explain(model: nn.Module, batch: Any, **options) -> Explanation:
             parameters.append(ParameterScoring(name, tuple(p.shape), "fallback", uses, reasons[pid]))
         elif coverage is None or pid not in coverage.in_graph or not uses:
             parameters.append(ParameterScoring(name, tuple(p.shape), "unused", uses))
-        elif any("layer rule" in u or u.startswith("the norm rule") for u in uses):
+        elif pid in coverage.recorder.in_modules:
             parameters.append(ParameterScoring(name, tuple(p.shape), "layer rule", uses))
         elif pid in coverage.behind_derived:
             parameters.append(ParameterScoring(name, tuple(p.shape), "derived", uses))

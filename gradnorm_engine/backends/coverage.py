@@ -99,7 +99,6 @@ class Coverage:
         self.as_norm = {pid for pid, n in direct.items() if n == 1 and pid not in behind_derived}
         self.as_norm |= {pid for pid in recorder.in_modules if pid not in self.failed}
         self.behind_derived = behind_derived
-        self.direct = direct
 
         # the lowest recorded outputs: the backward to them passes every other one
         active = [c for c in recorder.calls if c.edge is not None and c.edge.node in graph and self.active(c)]
@@ -107,6 +106,7 @@ class Coverage:
         above = graph.above(nodes)
         self.edges = [c.edge for c in active if c.edge.node not in above]
         self.calls = active
+        self.active_ids = {id(c) for c in active}      # the calls whose rule runs in the backward
 
     def _mixed_below(self, graph: Graph, recorder: Recorder, measured: dict, derived_failed: dict) -> None:
         """Fail every parameter (and derived tensor) of a recorded use whose output reaches the loss
@@ -166,7 +166,7 @@ def derived_vjp(grads: dict, recorder: Recorder, measured: dict) -> dict:
     """{id(parameter): per-sample gradient [B, *shape]} carried from the per-sample gradients of
     derived tensors (``grads``: id -> [B, *shape]) through their derivations, the chain rule for
     all samples in one batched vector-Jacobian product. Raises what autograd raises."""
-    ids = [d for d in grads if d in recorder.derived]
+    ids = list(grads)
     if not ids:
         return {}
     tensors = [recorder.derived[d] for d in ids]

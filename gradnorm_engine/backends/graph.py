@@ -5,8 +5,6 @@
     graph.uses(hooked)[id(param)]       # how many times the forward used each parameter
     graph.above(candidates)             # the candidates with another candidate below them
     graph.below(nodes)                  # the nodes and every node under them
-
-    uses, reachable, above_another = graph_facts(loss.grad_fn, hooked_nodes, candidate_nodes)
 """
 from __future__ import annotations
 
@@ -18,12 +16,10 @@ class Graph:
         self.root = root
         self.parents: dict = {root: []}
         self.children: dict = {}
-        self.order: list = []
         self.leaf_nodes: dict[int, object] = {}     # id(variable) -> its AccumulateGrad node
         stack = [root]
         while stack:
             node = stack.pop()
-            self.order.append(node)
             variable = getattr(node, "variable", None)
             if variable is not None and type(node).__name__ == "AccumulateGrad":
                 self.leaf_nodes[id(variable)] = node
@@ -102,10 +98,3 @@ class Graph:
                 if kid not in seen:
                     stack.append((kid, False))
         return result
-
-
-def graph_facts(root, hooked: set, candidates: set):
-    """(uses, reachable, above_another): ``Graph.uses(hooked)`` by id of each leaf, the ``hooked``
-    nodes the loss reaches, and the ``candidates`` with another candidate below them."""
-    graph = Graph(root)
-    return graph.uses(hooked), {n for n in hooked if n in graph}, graph.above(candidates)

@@ -101,7 +101,6 @@ class HooksBackend(Backend):
         self._fallbacks: dict[tuple[str, ...], Backend] = {}
         self.last_fallback: tuple[str, ...] = ()   # names scored by the fallback in the last chunk
         self.last_reasons: dict[str, str] = {}
-        self.last_pass: RulePass | None = None
         self._per_sample_entries: int | None = None
 
     @property
@@ -133,16 +132,14 @@ class HooksBackend(Backend):
         return max(1, min(MAX_CHUNK, chunk_budget(job.device, job.max_memory) // per_sample))
 
     def _per_sample_size(self, example: ModelInputs | torch.Tensor) -> int:
-        """Entries of the per-sample gradients one sample holds, from a rules' pass on two copies of
-        ``example`` (0 when that pass cannot run: the chunk's own pass will say why)."""
+        """Entries of the per-sample gradients one sample holds, from a recorded forward on two
+        copies of ``example`` (0 when it cannot run: the chunk's own pass will say why)."""
         if self._per_sample_entries is None:
             x = ModelInputs.of(example)
             x = ModelInputs.cat([x[:1], x[:1]])
-            rule_pass = RulePass(self.plan, self.job, len(x))
             try:
                 with measure_only(self.job):
-                    rule_pass.run(x)
-                self._per_sample_entries = rule_pass.per_sample_entries
+                    self._per_sample_entries = RulePass(self.plan, self.job, len(x)).per_sample_entries(x)
             except Exception as err:  # noqa: BLE001 - a model the rules cannot run: sized without them
                 if is_out_of_memory(err):
                     raise
@@ -161,7 +158,6 @@ class HooksBackend(Backend):
             rule_pass = RulePass(self.plan, job, len(x))
             out, reasons = rule_pass.run(x, objective)
             weights = rule_pass.weights
-            self.last_pass = rule_pass
             fallback = [(n, p) for n, p in job.params if id(p) in reasons]
             self.last_fallback = tuple(n for n, _ in fallback)
             self.last_reasons = {n: reasons[id(p)] for n, p in fallback}

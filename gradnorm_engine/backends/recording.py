@@ -1,6 +1,6 @@
 """The recorded forward of the hooks backend: every torch op the model calls, and where its samples go.
 
-    recorder = Recorder(batch, measured, x.tensors(), layer_norm_statistics=True)
+    recorder = Recorder(batch, measured, x.tensors())
     with recorder:
         losses = job.losses(x)
     recorder.calls           # OpCalls: ops that took a parameter (or derived tensor) and batched data
@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..norms import rnn
 from ..norms.layout import Unknown, is_unknown, propagate
-from ..norms.ops import OpCall, find_op_rule, flatten_args
+from ..norms.ops import GENERIC, OP_RULES, OpCall, find_op_rule, flatten_args
 
 MARK = "_gradnorm_layout"
 
@@ -135,7 +135,7 @@ class ModuleCall:
 class Recorder(TorchFunctionMode):
     """See the module docstring. ``measured`` maps id(parameter) to the parameter."""
 
-    def __init__(self, batch: int, measured: dict, inputs: list, *, layer_norm_statistics: bool = True):
+    def __init__(self, batch: int, measured: dict, inputs: list):
         super().__init__()
         self.batch = batch
         self.measured = measured
@@ -151,7 +151,6 @@ class Recorder(TorchFunctionMode):
         self.suspended: dict[int, int] = {}     # id(parameter) -> depth inside an opaque module
         self.mixing: dict = {}                  # autograd node of a tensor whose sample layout was lost -> Unknown
         self.lost_memory: dict = {}             # id(base) -> (base, op): a write lost the samples in its memory
-        self.layer_norm_statistics = layer_norm_statistics
         self.on_grad = None                     # set by the rules' pass for the backward
         self._hooks: list[_Hook] = []
         self._inputs = list(inputs)
@@ -237,7 +236,7 @@ class Recorder(TorchFunctionMode):
         saved = target.detach().clone() if pins and lays and target is not None \
             and find_op_rule(name).keeps_args else None
         extra = None
-        if name == "layer_norm" and pins and 0 in lays and self.layer_norm_statistics \
+        if name == "layer_norm" and pins and 0 in lays \
                 and not torch.is_autocast_enabled(flat[0].device.type):
             out, extra = self._layer_norm(args, kwargs)
         else:
@@ -388,7 +387,7 @@ class Recorder(TorchFunctionMode):
         call.pin_flat = {j: next(i for i in pins if flat[i] is a) for j, a in call.pins.items()}
         if len(call.pins) != len(pins):
             # a parameter inside a list argument, or a keyword outside the signature: the generic rule
-            call.rule = rule = find_op_rule("")
+            call.rule = rule = OP_RULES[GENERIC]
             call.pins = {("flat", i): flat[i] for i in pins}
             call.pin_flat = {("flat", i): i for i in pins}
         if rule.check is not None:

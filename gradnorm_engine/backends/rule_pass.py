@@ -30,7 +30,7 @@ from ..job import Objective, ScoringJob
 from ..memory import is_out_of_memory
 from ..norms import BUILT_IN_RULES, NORM_RULES, NormRule, check_rule_result, find_norm_rule, rule_name
 from ..norms.layout import Unknown, is_unknown
-from ..norms.ops import describe_form
+from ..norms.ops import GENERIC, OP_RULES, describe_form, per_sample_result
 from .coverage import Coverage, derived_vjp
 from .recording import ModuleCall, Recorder
 
@@ -75,7 +75,6 @@ class RulePass:
         self.coverage: Coverage | None = None
         self.failed: dict[int, str] = {}
         self._noting = True
-        self.per_sample_entries = 0                # per-sample gradient entries one sample needs
 
     def run(self, x: ModelInputs, objective: Objective | None = None) -> tuple[torch.Tensor, dict[int, str]]:
         """Squared norms [B, K, P] for the K losses of ``objective`` (the job's loss: K = 1), from
@@ -99,27 +98,13 @@ class RulePass:
             self.weights = None if self.weights is None else self.weights[:1]
             return out[:1], reasons
         job = self.job
-        measured = {id(p): p for _, p in job.params}
-        recorder = Recorder(self.batch, measured, x.tensors(), layer_norm_statistics=True)
-        handles = self._module_hooks(recorder)
+        recorder, losses, coverage = self._record(x, objective)
         try:
-            try:
-                with recorder:
-                    losses, self.weights = job.objective_losses(x, objective)      # (B, K)
-            finally:
-                for h in handles:
-                    h.remove()
             out = torch.zeros(self.batch, losses.shape[1], len(job.params), dtype=job.accum_dtype,
                               device=x.device)
-            if not losses.requires_grad:
+            if coverage is None:
                 return out, {}   # no measured parameter reaches the losses: every norm is 0
-            lay = recorder.layout(losses)
-            if lay != (0, 1) and losses.grad_fn is not None:   # row b is not sample b's alone
-                recorder.mixing.setdefault(losses.grad_fn, lay if is_unknown(lay) else Unknown(
-                    "the losses", "their rows are not the samples"))
-            self.coverage = coverage = Coverage(losses.sum().grad_fn, recorder, measured)
             self.failed = dict(coverage.failed)
-            self.per_sample_entries = _per_sample_entries(coverage, recorder)
             last = losses.shape[1] - 1
             for k in range(losses.shape[1]):
                 self._noting = k == 0            # explain() describes the uses once
@@ -133,6 +118,43 @@ class RulePass:
             recorder.release()
         return out, {pid: why for pid, why in self.failed.items() if pid in coverage.in_graph}
 
+    def per_sample_entries(self, x: ModelInputs) -> int:
+        """Entries of the per-sample gradients the pass holds for one sample of ``x`` at once
+        (those of every parameter and derived tensor scored as gradients, and of the parameters
+        behind derived tensors, plus the largest one the generic rule materialises), from the
+        recorded forward and the coverage check alone: no backward, no rule runs."""
+        recorder, _, coverage = self._record(x, None)
+        try:
+            return 0 if coverage is None else _per_sample_entries(coverage, recorder)
+        finally:
+            recorder.release()
+
+    def _record(self, x: ModelInputs, objective: Objective | None) -> tuple[Recorder, torch.Tensor, Coverage | None]:
+        """The recorded forward and its coverage check: (the recorder, the losses [B, K], the
+        Coverage, None where no measured parameter reaches the losses). The caller releases the
+        recorder (it does so itself when this raises)."""
+        measured = {id(p): p for _, p in self.job.params}
+        recorder = Recorder(self.batch, measured, x.tensors())
+        try:
+            handles = self._module_hooks(recorder)
+            try:
+                with recorder:
+                    losses, self.weights = self.job.objective_losses(x, objective)      # (B, K)
+            finally:
+                for h in handles:
+                    h.remove()
+            if not losses.requires_grad:
+                return recorder, losses, None
+            lay = recorder.layout(losses)
+            if lay != (0, 1) and losses.grad_fn is not None:   # row b is not sample b's alone
+                recorder.mixing.setdefault(losses.grad_fn, lay if is_unknown(lay) else Unknown(
+                    "the losses", "their rows are not the samples"))
+            self.coverage = Coverage(losses.sum().grad_fn, recorder, measured)
+        except BaseException:
+            recorder.release()
+            raise
+        return recorder, losses, self.coverage
+
     def _backward(self, recorder: Recorder, coverage: Coverage, loss: torch.Tensor, last: bool
                   ) -> dict[int, torch.Tensor]:
         """One loss's backward through the rules -> {id(parameter): squared norms [B]}; after the
@@ -142,7 +164,7 @@ class RulePass:
         done: set[int] = set()
 
         def on_grad(call, grad):
-            if id(call) in done or not coverage.active(call):
+            if id(call) in done or id(call) not in coverage.active_ids:
                 return
             done.add(id(call))
             if isinstance(call, ModuleCall):
@@ -165,7 +187,7 @@ class RulePass:
         found = dict(norms)
         for pid, g in grads.items():
             if pid in measured:
-                found[pid] = g.to(self.job.accum_dtype).reshape(g.shape[0], -1).pow(2).sum(dim=1)
+                found[pid] = per_sample_result(g.to(self.job.accum_dtype), True)
         return found
 
     def _failed_tensor(self, tid: int, recorder: Recorder) -> bool:
@@ -271,7 +293,7 @@ def _per_sample_entries(coverage: Coverage, recorder: Recorder) -> int:
         for t in call.pins.values():
             if not coverage.wants_norm(t):
                 summed[id(t)] = t.numel()
-            elif call.rule.check is not None and call.rule.fn.__name__ == "generic_op":
+            elif call.rule is OP_RULES[GENERIC]:
                 generic = max(generic, t.numel())
     behind = sum(recorder.measured[p].numel() for p in coverage.behind_derived if p in recorder.measured)
     return sum(summed.values()) + behind + generic

@@ -8,7 +8,7 @@ from torch import nn
 
 from gradnorm_engine import rank_unlabeled, register_norm_rule, score_pool
 from gradnorm_engine.backends import resolve_backend
-from gradnorm_engine.backends.graph import graph_facts
+from gradnorm_engine.backends.graph import Graph
 from gradnorm_engine.backends.hooks import HooksBackend, HooksFallbackWarning
 from gradnorm_engine.backends.loop import LoopBackend
 from gradnorm_engine.job import eval_mode, make_job
@@ -310,7 +310,7 @@ def test_graph_use_counting():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the cached cast of w feeds two matmuls
         h = x @ w
         y = (h @ w).float().sum() + (x * v).float().sum()
-    uses, _, _ = graph_facts(y.grad_fn, set(), set())
+    uses = Graph(y.grad_fn).uses(set())
     assert uses[id(w)] == 2 and uses[id(v)] == 1
 
 
