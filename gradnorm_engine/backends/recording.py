@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..norms import rnn
 from ..norms.layout import Unknown, is_unknown, propagate
-from ..norms.ops import GENERIC, OP_RULES, OpCall, find_op_rule, flatten_args
+from ..norms.ops import GENERIC, OP_RULES, OpCall, find_op_rule, flatten_args, is_inplace
 
 MARK = "_gradnorm_layout"
 
@@ -61,12 +61,6 @@ PLAIN_GETTERS = {"shape", "dtype", "device", "requires_grad", "is_cuda", "ndim",
 CONSTANT_MAKERS = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like", "ones_like",
                    "empty_like", "full_like"}
 EXPANDS = {"expand", "expand_as", "broadcast_to"}
-INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
-                   "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__setitem__"}
-
-
-def is_inplace(name: str) -> bool:
-    return (name.endswith("_") and not name.endswith("__")) or name in INPLACE_DUNDERS
 
 
 def op_name(func) -> str:

@@ -13,20 +13,17 @@ import warnings
 
 import torch
 
-from .ops import GENERIC, OpCall, per_sample_result, register_op_rule, unflatten_args
+from .ops import (GENERIC, INPLACE_DUNDERS, INPLACE_TWINS, OpCall, is_inplace, per_sample_result, register_op_rule,
+                  unflatten_args)
 from .registry import accum_dtype
-
-# In-place ops re-run out of place on the value ``args[0]`` had before the op.
-_INPLACE_DUNDERS = {"__iadd__": "add", "__isub__": "sub", "__imul__": "mul", "__itruediv__": "div",
-                    "__ifloordiv__": "floor_divide", "__imod__": "remainder", "__ipow__": "pow"}
 
 
 def out_of_place(name: str, func):
     """The out-of-place twin of an in-place op (``mul_`` -> torch.mul), ``func`` itself when it is
     not in place, or None when there is none."""
-    if name in _INPLACE_DUNDERS:
-        return getattr(torch, _INPLACE_DUNDERS[name])
-    if name.endswith("_") and not name.endswith("__"):
+    if name in INPLACE_TWINS:
+        return getattr(torch, INPLACE_TWINS[name])
+    if is_inplace(name) and name not in INPLACE_DUNDERS:
         return getattr(torch, name[:-1], None)
     return func
 

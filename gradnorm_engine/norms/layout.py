@@ -31,7 +31,6 @@ import math
 
 import torch
 
-Layout = tuple  # (dim, inner)
 
 
 class Unknown:

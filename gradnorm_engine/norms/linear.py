@@ -69,11 +69,6 @@ def linear_form(positions: int, out_features: int, in_features: int) -> str:
     return f"{form} (T={positions}, p={out_features}, d={in_features})"
 
 
-def _positions(call: OpCall, pos: int, width: int) -> int:
-    t = call.args[pos]
-    return t.numel() // (call.batch * width) if t is not None else 0
-
-
 def _linear_check(call: OpCall) -> str | None:
     x, w = call.arg(0), call.arg(1)
     if call.lay(0) is None or call.lay(1) is not None or (call.arg(2) is not None and call.lay(2) is not None):

@@ -36,6 +36,17 @@ import torch
 # The rule of every op without one of its own (registered by norms/generic.py).
 GENERIC = "*"
 
+# In-place dunders with the out-of-place op each computes (the generic rule re-runs that one),
+# and every in-place dunder: those and the ones without such a twin.
+INPLACE_TWINS = {"__iadd__": "add", "__isub__": "sub", "__imul__": "mul", "__itruediv__": "div",
+                 "__ifloordiv__": "floor_divide", "__imod__": "remainder", "__ipow__": "pow"}
+INPLACE_DUNDERS = {*INPLACE_TWINS, "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__setitem__"}
+
+
+def is_inplace(name: str) -> bool:
+    """Whether the op called ``name`` writes its first argument (``mul_``, ``__iadd__``, ``__setitem__``)."""
+    return (name.endswith("_") and not name.endswith("__")) or name in INPLACE_DUNDERS
+
 
 class OpCall:
     """One recorded op call that takes parameter inputs and batched data.

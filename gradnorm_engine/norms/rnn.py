@@ -26,7 +26,6 @@ from .ops import OpCall, OpRule, per_sample_result
 from .registry import accum_dtype
 
 KINDS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 def is_unrollable(name: str, args: tuple) -> bool:
@@ -57,7 +56,7 @@ def rnn_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
     out = {}
     for pos, a, g in ((3, xs, grad), (4, hprev, g_hh)):
         if pos in call.pins:
-            out[pos] = weight_sqnorm(a, g).to(acc) if wants_norm(pos) else \
+            out[pos] = weight_sqnorm(a, g) if wants_norm(pos) else \
                 torch.bmm(g.to(acc).transpose(1, 2), a.to(acc))
     for pos, g in ((5, grad), (6, g_hh)):
         if pos in call.pins:
