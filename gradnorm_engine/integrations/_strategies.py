@@ -1,7 +1,6 @@
-"""What every adapter's EGL and BADGE strategies share: the engine calls, BADGE's seeding and
-the ways BADGE's picks are shown to libraries built around one score per sample.
+"""What every adapter's BADGE strategies share: BADGE's seeding and the ways its picks are shown
+to libraries built around one score per sample (EGL is ``expected_gradient_length`` itself).
 
-    scores = egl_scores(module, loader, top_m=None, **options)          # [N], pool order
     picks = badge_picks(module, loader, k, generator=badge_generator(seed, generator))
     picks.positions           # LongTensor [k]: badge(module, loader, k, generator=...), pick order
     picks.pick_order_scores() # [N]: k - i for the i-th pick, 0 elsewhere (a ranking whose top k are the picks)
@@ -25,15 +24,8 @@ import torch
 from torch import nn
 
 from ..badge import _sqdist_to, gradient_embedding_factors, kmeans_pp_gradient_embeddings, last_layer_features
-from ..egl import expected_gradient_length
 
 DEFAULT_SEED = 0
-
-
-def egl_scores(module: nn.Module, loader: Iterable, *, top_m: int | None = None, **options) -> torch.Tensor:
-    """``expected_gradient_length(module, loader, top_m=...)``, quiet unless ``progress=True``.  -> [N]"""
-    options.setdefault("progress", False)
-    return expected_gradient_length(module, loader, top_m=top_m, **options)
 
 
 def badge_generator(seed: int | None = DEFAULT_SEED, generator: torch.Generator | None = None) -> torch.Generator:
@@ -120,4 +112,4 @@ def badge_picks(module: nn.Module, loader: Iterable, k: int, *, generator: torch
     return BadgePicks(kmeans_pp_gradient_embeddings(features, probs, k, generator), features, probs)
 
 
-__all__ = ["DEFAULT_SEED", "BadgePicks", "badge_generator", "badge_picks", "egl_scores"]
+__all__ = ["DEFAULT_SEED", "BadgePicks", "badge_generator", "badge_picks"]

@@ -51,7 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..api import score_pool
 from ..ranking import check_k
 from ._requirements import require
-from ._strategies import DEFAULT_SEED, badge_generator, badge_picks, egl_scores
+from ..egl import expected_gradient_length
+from ._strategies import DEFAULT_SEED, badge_generator, badge_picks
 
 _baal_active = require("baal.active", distribution="baal", adapter="baal")
 _heuristics = require("baal.active.heuristics", distribution="baal", adapter="baal")
@@ -154,7 +155,7 @@ class ExpectedGradientLength(GradNorm):
         self.top_m = top_m
 
     def pool_scores(self, module: nn.Module, loader: DataLoader) -> np.ndarray:
-        return egl_scores(module, loader, top_m=self.top_m, **self.score_options).numpy()
+        return expected_gradient_length(module, loader, top_m=self.top_m, **self.score_options).numpy()
 
 
 class Badge(GradNorm):

@@ -42,10 +42,15 @@ import warnings
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..api import rank_unlabeled
+from ..badge import badge
+from ..egl import expected_gradient_length
+from ..ranking import top_k
+from ._strategies import DEFAULT_SEED, badge_generator
 
 DEFAULT_LOADER_ARGS = {"batch_size": 256}
 # Where each codebase keeps the evaluation loader's settings: DeepAL+ first, then DeepAL.
@@ -148,13 +153,16 @@ class GradNormSampling(Strategy):
     def query(self, n: int) -> np.ndarray:
         """Dataset indices of the ``n`` unlabeled samples with the largest scores, highest first."""
         module = self.module   # before reading the pool: an untrained net fails fast
-        unlabeled_idxs, loader = self.pool_loader()
+        unlabeled_idxs, loader = self.pool_loader()   # the pool query() scores, never shuffled
         n = min(int(n), len(unlabeled_idxs))
         if n <= 0:
             raise ValueError(f"cannot query {n} samples from {len(unlabeled_idxs)} unlabeled ones; "
                              "ask for at least 1 while unlabeled samples remain")
-        ranked = rank_unlabeled(module, loader, n, **self.score_options)
-        return unlabeled_idxs[ranked.indices.numpy()]
+        return unlabeled_idxs[self._positions(module, loader, n)]
+
+    def _positions(self, module: nn.Module, loader: DataLoader, n: int) -> np.ndarray:
+        """The pool positions query(n) picks: here the n largest scores (EGL and BADGE pick otherwise)."""
+        return rank_unlabeled(module, loader, n, **self.score_options).indices.numpy()
 
     def pool_loader(self) -> tuple[np.ndarray, DataLoader]:
         """(unlabeled_idxs, the DataLoader ``query`` scores): the unlabeled data in that order,
@@ -224,37 +232,12 @@ def find_module(net: Any) -> nn.Module:
         "holding one at .clf (DeepAL's and DeepAL+'s Net, after train()), .model or .module")
 
 
-__all__ = ["Strategy", "GradNormSampling", "find_module"]
-
-
 # --- Expected gradient length and BADGE ---------------------------------------------------------
 # Both subclass GradNormSampling: they take what it takes (DeepAL's (dataset, net); with the
 # DeepAL+ interface, (dataset, net, args_input, args_task) and its pool options too) and change
-# only how query() picks from the unlabeled pool.
+# only which positions query() picks from the unlabeled pool (_positions).
 
-import torch  # noqa: E402 - imported here, with the strategies appended below
-
-from ..ranking import top_k  # noqa: E402
-from ._strategies import DEFAULT_SEED, badge_generator, badge_picks, egl_scores  # noqa: E402
-
-
-class _PoolPositionsStrategy(GradNormSampling):
-    """query(n) = unlabeled_idxs[self._positions(module, loader, n)]."""
-
-    def query(self, n: int) -> np.ndarray:
-        module = self.module   # before reading the pool: an untrained net fails fast
-        unlabeled_idxs, loader = self.pool_loader()   # the pool query() scores, never shuffled
-        n = min(int(n), len(unlabeled_idxs))
-        if n <= 0:
-            raise ValueError(f"cannot query {n} samples from {len(unlabeled_idxs)} unlabeled ones; "
-                             "ask for at least 1 while unlabeled samples remain")
-        return unlabeled_idxs[self._positions(module, loader, n)]
-
-    def _positions(self, module: nn.Module, loader: DataLoader, n: int) -> np.ndarray:
-        raise NotImplementedError
-
-
-class EGLSampling(_PoolPositionsStrategy):
+class EGLSampling(GradNormSampling):
     """Query the unlabeled samples with the largest expected gradient length.
 
     EGL(x) = sum_c p_c(x) || d CE(f(x), c) / d theta ||, computed exactly per sample by
@@ -270,10 +253,11 @@ class EGLSampling(_PoolPositionsStrategy):
         self.top_m = top_m
 
     def _positions(self, module: nn.Module, loader: DataLoader, n: int) -> np.ndarray:
-        return top_k(egl_scores(module, loader, top_m=self.top_m, **self.score_options), n).indices.numpy()
+        return top_k(expected_gradient_length(module, loader, top_m=self.top_m, **self.score_options),
+                     n).indices.numpy()
 
 
-class BadgeSampling(_PoolPositionsStrategy):
+class BadgeSampling(GradNormSampling):
     """Query BADGE's picks: k-means++ seeds over the unlabeled samples' gradient embeddings with
     respect to the layer producing the logits (DeepAL's and DeepAL+'s ``BadgeSampling`` take
     them from ``net.get_grad_embeddings``), computed factorised by ``gradnorm_engine.badge``.
@@ -294,9 +278,8 @@ class BadgeSampling(_PoolPositionsStrategy):
         self.seed, self.generator, self.layer = seed, generator, layer
 
     def _positions(self, module: nn.Module, loader: DataLoader, n: int) -> np.ndarray:
-        picks = badge_picks(module, loader, n, generator=badge_generator(self.seed, self.generator),
-                            layer=self.layer, **self.score_options)
-        return picks.positions.numpy()
+        return badge(module, loader, n, layer=self.layer, generator=badge_generator(self.seed, self.generator),
+                     **self.score_options).numpy()
 
 
-__all__ = [*__all__, "EGLSampling", "BadgeSampling"]
+__all__ = ["Strategy", "GradNormSampling", "EGLSampling", "BadgeSampling", "find_module"]

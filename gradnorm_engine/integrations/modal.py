@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from ..api import score_pool, top_k
+from ..egl import expected_gradient_length
 from ..ranking import check_k
 from ._requirements import require
 from ._skorch import array_loader, logits_fn_for, torch_module
 from ._strategies import DEFAULT_SEED, badge_generator, badge_picks
-from ._strategies import egl_scores as egl_scores_of
 
 _modal_base = require("modAL.models.base", distribution="modAL-python", adapter="modal")
 
@@ -109,7 +109,7 @@ def _score(classifier: Any, X_pool: Any, *, batch_size: int = 256, **score_optio
 
 
 def _egl(classifier: Any, X_pool: Any, *, batch_size: int = 256, **egl_options) -> torch.Tensor:
-    return _on_module(egl_scores_of, classifier, X_pool, batch_size, egl_options)
+    return _on_module(expected_gradient_length, classifier, X_pool, batch_size, egl_options)
 
 
 def _on_module(function, classifier: Any, X_pool: Any, batch_size: int, options: dict) -> torch.Tensor:

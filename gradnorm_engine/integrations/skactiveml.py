@@ -34,7 +34,8 @@ import torch
 from ..api import score_pool, top_k
 from ._requirements import require
 from ._skorch import array_loader, logits_fn_for, torch_module
-from ._strategies import DEFAULT_SEED, badge_generator, badge_picks, egl_scores
+from ..egl import expected_gradient_length
+from ._strategies import DEFAULT_SEED, badge_generator, badge_picks
 
 _base = require("skactiveml.base", distribution="scikit-activeml", adapter="skactiveml")
 _sklearn_base = require("sklearn.base", distribution="scikit-learn", adapter="skactiveml")
@@ -225,7 +226,7 @@ class EGLSampling(_ScoreTopK):
         self.top_m = top_m
 
     def _score_pool(self, module: Any, loader: Any, **options) -> torch.Tensor:
-        return egl_scores(module, loader, top_m=self.top_m, **options)
+        return expected_gradient_length(module, loader, top_m=self.top_m, **options)
 
 
 class BadgeSampling(_TorchPoolQueryStrategy):

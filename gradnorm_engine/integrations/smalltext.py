@@ -32,7 +32,8 @@ import torch
 
 from ..api import score_pool, top_k
 from ._requirements import require
-from ._strategies import DEFAULT_SEED, badge_generator, badge_picks, egl_scores
+from ..egl import expected_gradient_length
+from ._strategies import DEFAULT_SEED, badge_generator, badge_picks
 
 _strategies = require("small_text.query_strategies", distribution="small-text", adapter="smalltext")
 _data = require("small_text.integrations.pytorch.utils.data", distribution="small-text", adapter="smalltext")
@@ -99,7 +100,7 @@ class ExpectedGradientLengthSampling(GradNormSampling):
         self.top_m = top_m
 
     def _scores(self, model: torch.nn.Module, loader: Any, options: dict) -> torch.Tensor:
-        return egl_scores(model, loader, top_m=self.top_m, **options)
+        return expected_gradient_length(model, loader, top_m=self.top_m, **options)
 
 
 class BadgeSampling(GradNormSampling):
