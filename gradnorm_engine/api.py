@@ -18,7 +18,7 @@ from .distributed import rank_unlabeled_sharded, score_pool_sharded, use_shardin
 from .options import ScoringOptions
 from .ranking import RankResult, best_positions, check_k, check_k_fits, top_k
 from .scores import ScoreFn
-from .scoring import score_here
+from .scoring import ChunkResult, score_here
 
 __all__ = ["RankResult", "rank_unlabeled", "score_pool", "top_k"]
 
@@ -71,9 +71,17 @@ def score_pool(
                    input_key=input_key, input_keys=input_keys, exclude_keys=exclude_keys, num_inputs=num_inputs,
                    label_key=label_key, device=device, autocast=autocast, max_memory=max_memory,
                    chunk_size=chunk_size, progress=progress)
+    return score_each_sample(model, loader, options, distributed)
+
+
+def score_each_sample(model: nn.Module, loader: Iterable, options: dict, distributed: bool | None,
+                      per_chunk: ChunkResult | None = None, what: str = "scores") -> torch.Tensor:
+    """Every sample's result in pool order, [N] (or ``per_chunk``'s [N, ...]): sharded under
+    torch.distributed, else on this process. score_pool, per_parameter_sqnorms and
+    expected_gradient_length all choose here; ``what`` names the result in the ranks' agreement."""
     if use_sharding(distributed):   # checks the options on every rank at once
-        return score_pool_sharded(model, loader, options)
-    return score_here(model, loader, ScoringOptions(**options))[0]
+        return score_pool_sharded(model, loader, options, per_chunk=per_chunk, what=what)
+    return score_here(model, loader, ScoringOptions.from_kwargs(options), per_chunk=per_chunk)[0]
 
 
 def rank_unlabeled(model: nn.Module, loader: Iterable, k: int, *, distributed: bool | None = None,

@@ -33,6 +33,7 @@ from .devices import check_device
 from .inputs import InputReader, default_logits
 from .job import eval_mode, model_device, on_device
 from .loaders import as_pool, check_pool_loader
+from .scores import at_least_fp32
 
 
 def gradient_embedding_factors(features: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,9 +113,8 @@ def last_layer_features(model: nn.Module, loader: Iterable, *, layer: nn.Module 
                 if out.shape != logits.shape or not torch.equal(out, logits):
                     raise ValueError("the output of the chosen layer is not the model's logits, so its weight gradient "
                                      "is not BADGE's embedding; pass layer= the linear layer that produces the logits")
-                half = (torch.float16, torch.bfloat16)   # features and probabilities in fp32 at least
-                feats.append((h.float() if h.dtype in half else h).reshape(len(x), -1).cpu())
-                probs.append((logits.float() if logits.dtype in half else logits).softmax(dim=1).cpu())
+                feats.append(at_least_fp32(h).reshape(len(x), -1).cpu())   # fp32 at least, as the scores
+                probs.append(at_least_fp32(logits).softmax(dim=1).cpu())
                 bar.update(len(x))
     finally:
         handle.remove()

@@ -45,12 +45,12 @@ def check_device(device: str | torch.device | int, flag: str | None = None) -> t
     return resolved
 
 
-def resolve_device(device: str | torch.device | None, flag: str = "--device") -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto": CUDA when available, else CPU; "cuda" means the current CUDA device
     (``cuda:N`` with its index). An unusable name -> UsageError naming the fix (``check_device``)."""
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = check_device(device, flag)
+    resolved = check_device(device, "--device")
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved

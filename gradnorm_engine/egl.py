@@ -25,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import score_pool_sharded, use_sharding
-from .options import ScoringOptions
+from .api import score_each_sample
 from .reduction import check_norm, reduce_sqnorms
-from .scores import check_classes
-from .scoring import score_here
+from .scores import at_least_fp32, check_classes
 
 
 def class_cross_entropies(top_m: int | None = None):
@@ -38,8 +36,7 @@ def class_cross_entropies(top_m: int | None = None):
 
     def objective(logits: torch.Tensor, _targets=None) -> tuple[torch.Tensor, torch.Tensor]:
         check_classes(logits)
-        x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        logp = F.log_softmax(x, dim=1)
+        logp = F.log_softmax(at_least_fp32(logits), dim=1)
         m = logits.shape[1] if top_m is None else min(top_m, logits.shape[1])
         probs, classes = logp.detach().exp().topk(m, dim=1)          # (B, m), likeliest first
         return -logp.gather(1, classes), probs
@@ -69,7 +66,5 @@ def expected_gradient_length(model: nn.Module, loader: Iterable, *, top_m: int |
         per_class = reduce_sqnorms(sq.reshape(batch * m, p), norm).reshape(batch, m)
         return (probs.to(per_class.dtype) * per_class).sum(dim=1)
 
-    if use_sharding(distributed):
-        return score_pool_sharded(model, loader, {**options, "norm": norm}, per_chunk=per_chunk,
-                                  what=f"expected gradient length, top_m={top_m}")
-    return score_here(model, loader, ScoringOptions.from_kwargs({**options, "norm": norm}), per_chunk=per_chunk)[0]
+    return score_each_sample(model, loader, {**options, "norm": norm}, distributed, per_chunk=per_chunk,
+                             what=f"expected gradient length, top_m={top_m}")

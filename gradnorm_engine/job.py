@@ -178,14 +178,20 @@ def check_not_meta(model: nn.Module) -> None:
             "model.load_state_dict(state, assign=True)")
 
 
-def make_job(model: nn.Module, *, score, params, logits_fn, device, autocast, max_memory,
-             options: dict | None = None) -> ScoringJob:
+def scored_module(model: nn.Module) -> nn.Module:
+    """The module scored for ``model``: itself, or the module a DistributedDataParallel /
+    DataParallel wraps (the wrapper's forward would sync gradients or scatter inputs, which
+    per-sample scoring never wants). TypeError for what is not a module, with a hint to one held."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{_wrapped_module_hint(model)}")
-    # DistributedDataParallel / DataParallel: score the wrapped module; the wrapper's forward
-    # would sync gradients or scatter inputs, which per-sample scoring never wants.
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
+        return model.module
+    return model
+
+
+def make_job(model: nn.Module, *, score, params, logits_fn, device, autocast, max_memory,
+             options: dict | None = None) -> ScoringJob:
+    model = scored_module(model)
     check_not_meta(model)
     if autocast not in (None, *AUTOCAST_DTYPES):
         raise ValueError(f"autocast must be None, 'bf16' or 'fp16', got {autocast!r}")

@@ -41,18 +41,18 @@ def chunk_budget(device: torch.device, max_memory: int | None) -> int:
 
 
 @contextlib.contextmanager
-def one_sample_run(example: ModelInputs | torch.Tensor, purpose: str) -> Iterator[None]:
-    """Around a forward of one sample ``example`` [1, ...] that the engine runs for itself (``purpose``,
-    e.g. "to size its chunks"): an exception the model raises there stays the model's own (users catch
-    it by type) and gains a note (``add_note``) saying where it came from, since shapes in its message
-    count that one sample ("1x7"), not the loader's batch."""
+def one_sample_run(example: ModelInputs | torch.Tensor) -> Iterator[None]:
+    """Around the forward of one sample ``example`` [1, ...] that sizes the chunks: an exception the
+    model raises there stays the model's own (users catch it by type) and gains a note (``add_note``)
+    saying where it came from, since shapes in its message count that one sample ("1x7"), not the
+    loader's batch."""
     try:
         yield
     except Exception as err:
         err.add_note(
             f"gradnorm_engine: the model raised this on one sample of the pool, inputs "
             f"{ModelInputs.of(example).describe()} (dim 0 = that one sample, not the loader's batch size), "
-            f"which the engine runs through the model {purpose}; check that the model takes the loader's "
+            "which the engine runs through the model to size its chunks; check that the model takes the loader's "
             "inputs as they are")
         raise
 
@@ -72,7 +72,7 @@ def activation_elems(model: torch.nn.Module, example: ModelInputs | torch.Tensor
 
     handles = [m.register_forward_hook(count) for m in model.modules()]
     try:
-        with torch.no_grad(), precision(), one_sample_run(example, "to size its chunks"):
+        with torch.no_grad(), precision(), one_sample_run(example):
             model(*example.args, **example.kwargs)
     finally:
         for h in handles:

@@ -17,10 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .distributed import score_pool_sharded, use_sharding
-from .job import select_params
-from .options import ScoringOptions
-from .scoring import score_here
+from .api import score_each_sample
+from .job import scored_module, select_params
 
 Grouping = str | Sequence[str] | Callable[[str], str]
 
@@ -40,22 +38,24 @@ def per_parameter_sqnorms(model: nn.Module, loader: Iterable, *, group: Grouping
     if "norm" in options:
         raise TypeError("per_parameter_sqnorms returns squared norms per parameter, so norm= does not apply; "
                         "drop it (score_pool takes norm=)")
-    inner = model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
-    if not isinstance(inner, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    names = [n for n, _ in select_params(inner, options.get("params"))]
-    if options.get("params") is not None and not isinstance(options["params"], (str, torch.Tensor)):
-        options["params"] = [p for n, p in inner.named_parameters() if n in set(names)]
+    chosen = select_params(scored_module(model), options.get("params"))
+    names = [n for n, _ in chosen]
+    if options.get("params") is not None:   # as parameters: the names are those of the scored module
+        options["params"] = [p for _, p in chosen]
     group_names, matrix = parameter_groups(names, group)
 
     def per_chunk(engine, x) -> torch.Tensor:   # [B, P] -> [B, G]
         sq = engine.sqnorms(x)
         return sq if matrix is None else sq @ matrix.to(sq.device, sq.dtype)
 
-    if use_sharding(distributed):
-        return score_pool_sharded(model, loader, options, per_chunk=per_chunk,
-                                  what=f"per-parameter {group_names}"), group_names
-    return score_here(model, loader, ScoringOptions.from_kwargs(options), per_chunk=per_chunk)[0], group_names
+    return score_each_sample(model, loader, options, distributed, per_chunk=per_chunk,
+                             what=f"per-parameter {group_names}"), group_names
+
+
+def under_prefix(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` is ``prefix`` or lies under it at a dot boundary ("layer1" holds
+    "layer1.0.conv1.weight", not "layer10.weight")."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def parameter_groups(names: list[str], group: Grouping) -> tuple[list[str], torch.Tensor | None]:
@@ -68,7 +68,7 @@ def parameter_groups(names: list[str], group: Grouping) -> tuple[list[str], torc
         label = [str(group(n)) for n in names]
     elif isinstance(group, Sequence) and not isinstance(group, str) and all(isinstance(p, str) for p in group):
         prefixes = sorted(set(group), key=len, reverse=True)
-        label = [next((p for p in prefixes if n == p or n.startswith(p + ".")), None) for n in names]
+        label = [next((p for p in prefixes if under_prefix(n, p)), None) for n in names]
         missing = [n for n, lab in zip(names, label) if lab is None]
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -31,13 +31,19 @@ def check_classes(logits: torch.Tensor) -> None:
             "probabilities 1 - sigmoid(z) and sigmoid(z), the model's own), or a score= callable of your own")
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16 and bf16 logits in float32 (a softmax and its log in half precision lose the small
+    probabilities); other dtypes as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """H(x) = -sum_c p_c log p_c with p = softmax(logits), natural log, in nats.  [B, C] -> [B]
 
     Computed from log_softmax, so it is finite for any finite logits.
     """
     check_classes(logits)
-    logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
+    logp = F.log_softmax(at_least_fp32(logits), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
 
 
@@ -47,7 +53,7 @@ def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
     (eps = the dtype's machine epsilon) before the log.  [B, C] -> [B]
     """
     check_classes(logits)
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    x = at_least_fp32(logits)
     p = F.softmax(x, dim=-1)
     eps = torch.finfo(p.dtype).eps
     logp = p.clamp(min=eps, max=1 - eps).log()
@@ -57,7 +63,7 @@ def categorical_entropy(logits: torch.Tensor) -> torch.Tensor:
 def pseudo_label_ce(logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against the model's own argmax label (the label is a constant).  [B, C] -> [B]"""
     check_classes(logits)
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    x = at_least_fp32(logits)
     target = x.detach().argmax(dim=-1)
     return F.cross_entropy(x, target, reduction="none")
 
@@ -71,7 +77,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     first (check_labels).
     """
     check_classes(logits)
-    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    x = at_least_fp32(logits)
     targets = targets.to(x.device)
     if not torch._C._functorch.is_functorch_wrapped_tensor(targets):
         check_labels(targets, x.shape[-1])
@@ -103,8 +109,6 @@ SCORES: dict[str, ScoreFn] = {
     "pseudo_label_ce": pseudo_label_ce,
     "cross_entropy": cross_entropy,
 }
-# The built-in scores that read each sample's label.
-LABEL_SCORES = frozenset({"cross_entropy"})
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def resolve_score(score: str | ScoreFn | Score) -> Score:
     if callable(score):
         return Score(score, takes_targets(score), getattr(score, "__qualname__", type(score).__name__))
     try:
-        return Score(SCORES[score], score in LABEL_SCORES, repr(score))
+        return Score(SCORES[score], takes_targets(SCORES[score]), repr(score))
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown score {score!r}; choose one of {sorted(SCORES)} or pass a callable "

@@ -76,11 +76,6 @@ def _tokens(b: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, TRANSFORMER_SIZE["vocab_size"], (b, TRANSFORMER_SIZE["max_len"]), generator=gen)
 
 
-def _mobilenet(_width: int) -> nn.Module:
-    models_ = require("torchvision.models", extra="bench", feature="the mobilenet benchmark workload")
-    return models_.mobilenet_v3_small(weights=None)
-
-
 class HFLogits(nn.Module):
     """A Hugging Face classifier fed token ids, returning its logits tensor (the rows call
     entropy(model(x)) directly)."""
@@ -124,7 +119,7 @@ def _bert_tokens(length: int) -> Callable[[int, torch.Generator], torch.Tensor]:
 MODELS: dict[str, _Spec] = {
     "resnet18": _Spec(lambda w: models.cifar_resnet18(num_classes=10, width=w), _images(32),
                       "CIFAR ResNet-18, 3x32x32, 10 classes"),
-    "mobilenet_v3_small": _Spec(_mobilenet, _images(224), "torchvision MobileNetV3-small, 3x224x224, 1000 classes"),
+    "mobilenet_v3_small": _Spec(_torchvision("mobilenet_v3_small"), _images(224), "torchvision MobileNetV3-small, 3x224x224, 1000 classes"),
     "transformer": _Spec(lambda _w: models.small_transformer(**TRANSFORMER_SIZE), _tokens,
                          "small transformer, 128 tokens, vocab 8000, d=256, 8 heads, 4 blocks, 4 classes"),
     "small_cnn": _Spec(lambda w: models.small_cnn(num_classes=10, in_channels=3, width=w), _images(32),

@@ -25,7 +25,7 @@ from ..api import score_pool
 from ..devices import resolve_device
 from ..distributed import is_main_process
 from ..errors import UsageError
-from ..per_parameter import per_parameter_sqnorms
+from ..per_parameter import per_parameter_sqnorms, under_prefix
 from ..reduction import NORMS
 from ..scores import SCORES
 from .image_pool import (CHECKPOINT_HELP, add_pool_arguments, build_model, check_out, check_pool_sizes,
@@ -80,8 +80,8 @@ def chosen_params(model: torch.nn.Module, spec: str | None) -> list[str] | None:
         return None
     prefixes = [p.strip() for p in spec.split(",") if p.strip()]
     names = [n for n, _ in model.named_parameters()]
-    chosen = [n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)]
-    unmatched = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
+    chosen = [n for n in names if any(under_prefix(n, p) for p in prefixes)]
+    unmatched = [p for p in prefixes if not any(under_prefix(n, p) for n in names)]
     if unmatched:
         shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
         raise UsageError(f"--params {','.join(unmatched)} names no parameter of the model (its parameters: {shown})")
@@ -112,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
             total = None
             for path, lr in checkpoints:
                 load_model_weights(model, path)
-                sq, _ = per_parameter_sqnorms(model, pool_loader(args, dataset, device), **options)
-                total = lr * sq.sum(dim=1) if total is None else total + lr * sq.sum(dim=1)
+                # one group of every measured parameter: [N, 1], the squared norm, gathered as one column
+                sq, _ = per_parameter_sqnorms(model, pool_loader(args, dataset, device), group=lambda _name: "all",
+                                              **options)
+                total = lr * sq[:, 0] if total is None else total + lr * sq[:, 0]
             scores, what = total, "self_influence"
         else:
             scores = score_pool(model, pool_loader(args, dataset, device), norm=args.norm, **options)
