@@ -21,18 +21,43 @@ from .ops import OpCall, per_sample_result, register_op_rule
 from .registry import accum_dtype, register_norm_rule, wants
 
 
+def _per_entry(t: torch.Tensor, shared: tuple) -> torch.Tensor:
+    """``t`` summed over the ``shared`` dims (those sharing one affine entry)."""
+    # sum(dim=()) would reduce every dim, batch included: skip it when nothing is shared
+    return t.sum(dim=shared) if shared else t
+
+
+def group_xhat(x: torch.Tensor, groups: int, eps: float, acc: torch.dtype) -> torch.Tensor:
+    """GroupNorm's xhat from each sample's own group statistics (biased variance).  -> [B, C, L] in ``acc``"""
+    grouped = x.to(acc).reshape(x.shape[0], groups, -1)
+    var, mean = torch.var_mean(grouped, dim=2, unbiased=False, keepdim=True)
+    return (grouped - mean).mul_(torch.rsqrt(var + eps)).reshape(x.shape[0], x.shape[1], -1)
+
+
+def layer_norm_xhat(x: torch.Tensor, dims: tuple, eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over ``dims`` (biased variance), in x's dtype."""
+    var, mean = torch.var_mean(x, dim=dims, unbiased=False, keepdim=True)
+    return (x - mean).mul_(torch.rsqrt(var + eps))
+
+
+def rms_xhat(x: torch.Tensor, dims: tuple, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over ``dims``, in x's dtype."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + eps)
+
+
+def _trailing_dims(ndim: int, n: int) -> tuple[tuple, tuple]:
+    """(the last ``n`` dims, normalised; the dims between the batch and them, sharing an entry)."""
+    return tuple(range(ndim - n, ndim)), tuple(range(1, ndim - n))
+
+
 def _affine_norms(layer: nn.Module, g: torch.Tensor, xhat: torch.Tensor, shared_dims: tuple) -> dict:
     """Squared norms of sum over ``shared_dims`` of g*xhat (weight) and of g (bias)."""
-    def per_entry(t: torch.Tensor) -> torch.Tensor:
-        # sum(dim=()) would reduce every dim, batch included: skip it when nothing is shared
-        return t.sum(dim=shared_dims) if shared_dims else t
-
     out = {}
     weight, bias = getattr(layer, "weight", None), getattr(layer, "bias", None)
     if wants(weight):
-        out[weight] = per_entry(g * xhat).flatten(1).pow(2).sum(dim=1)
+        out[weight] = _per_entry(g * xhat, shared_dims).flatten(1).pow(2).sum(dim=1)
     if wants(bias):
-        out[bias] = per_entry(g).flatten(1).pow(2).sum(dim=1)
+        out[bias] = _per_entry(g, shared_dims).flatten(1).pow(2).sum(dim=1)
     return out
 
 
@@ -62,11 +87,8 @@ def group_norm_norms(layer: nn.GroupNorm, inputs: tuple, grad_outputs: tuple) ->
     """xhat from each sample's own group statistics (biased variance), affine per channel."""
     x, g = inputs[0], grad_outputs[0]
     acc = accum_dtype(x, g)
-    batch = x.shape[0]
-    grouped = x.to(acc).reshape(batch, layer.num_groups, -1)
-    var, mean = torch.var_mean(grouped, dim=2, unbiased=False, keepdim=True)
-    xhat = ((grouped - mean) * torch.rsqrt(var + layer.eps)).reshape(batch, x.shape[1], -1)  # (B, C, L)
-    return _affine_norms(layer, g.to(acc).reshape(batch, x.shape[1], -1), xhat, (2,))
+    xhat = group_xhat(x, layer.num_groups, layer.eps, acc)                                    # (B, C, L)
+    return _affine_norms(layer, g.to(acc).reshape(x.shape[0], x.shape[1], -1), xhat, (2,))
 
 
 @register_norm_rule(nn.LayerNorm)
@@ -74,12 +96,8 @@ def layer_norm_norms(layer: nn.LayerNorm, inputs: tuple, grad_outputs: tuple) ->
     """xhat over the trailing normalized_shape dims; affine entries shared over the dims between."""
     x, g = inputs[0], grad_outputs[0]
     acc = accum_dtype(x, g)
-    n = len(layer.normalized_shape)
-    dims = tuple(range(x.dim() - n, x.dim()))
-    xf = x.to(acc)
-    var, mean = torch.var_mean(xf, dim=dims, unbiased=False, keepdim=True)
-    xhat = (xf - mean) * torch.rsqrt(var + layer.eps)
-    return _affine_norms(layer, g.to(acc), xhat, tuple(range(1, x.dim() - n)))
+    normalised, shared = _trailing_dims(x.dim(), len(layer.normalized_shape))
+    return _affine_norms(layer, g.to(acc), layer_norm_xhat(x.to(acc), normalised, layer.eps), shared)
 
 
 if hasattr(nn, "RMSNorm"):
@@ -88,12 +106,9 @@ if hasattr(nn, "RMSNorm"):
         """xhat = x / sqrt(mean(x^2) + eps) over the trailing normalized_shape dims."""
         x, g = inputs[0], grad_outputs[0]
         acc = accum_dtype(x, g)
-        n = len(layer.normalized_shape)
-        dims = tuple(range(x.dim() - n, x.dim()))
+        normalised, shared = _trailing_dims(x.dim(), len(layer.normalized_shape))
         eps = layer.eps if layer.eps is not None else torch.finfo(x.dtype).eps
-        xf = x.to(acc)
-        xhat = xf * torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
-        return _affine_norms(layer, g.to(acc), xhat, tuple(range(1, x.dim() - n)))
+        return _affine_norms(layer, g.to(acc), rms_xhat(x.to(acc), normalised, eps), shared)
 
 
 # --------------------------------------------------------------------------- op rules
@@ -104,15 +119,11 @@ if hasattr(nn, "RMSNorm"):
 def affine_sums(call: OpCall, g: torch.Tensor, xhat: torch.Tensor, weight, bias, wants_norm, shared=(1,)) -> dict:
     """{weight slot: sum over the ``shared`` dims of g * xhat, bias slot: of g}, as squared norms
     [B] or gradients. ``xhat`` is the rule's own temporary (overwritten)."""
-    def per_entry(t: torch.Tensor) -> torch.Tensor:
-        # sum(dim=()) would reduce every dim, batch included: skip it when nothing is shared
-        return t.sum(dim=shared) if shared else t
-
     out = {}
     if weight in call.pins:
-        out[weight] = per_sample_result(per_entry(xhat.mul_(g)), wants_norm(weight))
+        out[weight] = per_sample_result(_per_entry(xhat.mul_(g), shared), wants_norm(weight))
     if bias is not None and bias in call.pins:
-        out[bias] = per_sample_result(per_entry(g), wants_norm(bias))
+        out[bias] = per_sample_result(_per_entry(g, shared), wants_norm(bias))
     return out
 
 
@@ -133,7 +144,7 @@ def _trailing_rows(call: OpCall, grad: torch.Tensor, acc: torch.dtype):
     n = 1 if isinstance(shape, int) else len(shape)
     x = regroup(call.args[0], call.lay(0), call.batch).to(acc)
     g = regroup(grad, call.out_lay, call.batch).to(acc)
-    return x, g, tuple(range(x.dim() - n, x.dim())), tuple(range(1, x.dim() - n))
+    return x, g, *_trailing_dims(x.dim(), n)
 
 
 @register_op_rule("layer_norm", signature=("input", "normalized_shape", "weight", "bias", "eps"),
@@ -146,10 +157,10 @@ def layer_norm_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
     x, g, normalised, shared = _trailing_rows(call, grad, acc)
     if call.extra is not None:           # [*leading dims, 1, ...]: x's layout
         mean, rstd = (regroup(t, call.lay(0), call.batch).to(acc) for t in call.extra)
+        xhat = (x - mean).mul_(rstd)
     else:
-        var, mean = torch.var_mean(x, dim=normalised, unbiased=False, keepdim=True)
-        rstd = torch.rsqrt(var + call.arg(4, 1e-5))
-    return affine_sums(call, g, (x - mean).mul_(rstd), 2, 3, wants_norm, shared)
+        xhat = layer_norm_xhat(x, normalised, call.arg(4, 1e-5))
+    return affine_sums(call, g, xhat, 2, 3, wants_norm, shared)
 
 
 @register_op_rule("rms_norm", signature=("input", "normalized_shape", "weight", "eps"), check=_trailing_check,
@@ -159,8 +170,7 @@ def rms_norm_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
     acc = accum_dtype(call.args[0], grad)
     x, g, normalised, shared = _trailing_rows(call, grad, acc)
     eps = call.arg(3, torch.finfo(call.args[0].dtype).eps)
-    xhat = x * torch.rsqrt(x.pow(2).mean(dim=normalised, keepdim=True) + eps)
-    return affine_sums(call, g, xhat, 2, None, wants_norm, shared)
+    return affine_sums(call, g, rms_xhat(x, normalised, eps), 2, None, wants_norm, shared)
 
 
 def _channels_check(call: OpCall) -> str | None:
@@ -184,10 +194,7 @@ def _channel_rows(call: OpCall, grad: torch.Tensor, xhat: torch.Tensor, weight: 
 def group_norm_op(call: OpCall, grad: torch.Tensor, wants_norm) -> dict:
     """xhat from each sample's own group statistics (biased variance), affine per channel."""
     x = call.args[0]
-    acc = accum_dtype(x, grad)
-    grouped = x.to(acc).reshape(x.shape[0], int(call.args[1]), -1)
-    var, mean = torch.var_mean(grouped, dim=2, unbiased=False, keepdim=True)
-    xhat = (grouped - mean).mul_(torch.rsqrt(var + call.arg(4, 1e-5)))
+    xhat = group_xhat(x, int(call.args[1]), call.arg(4, 1e-5), accum_dtype(x, grad))
     return _channel_rows(call, grad, xhat, 2, 3, wants_norm)
 
 
