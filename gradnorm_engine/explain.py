@@ -136,15 +136,16 @@ def explain(model: nn.Module, batch: Any, **options) -> Explanation:
         pid = id(p)
         uses = tuple(rule_pass.uses.get(pid, ()))
         if pid in reasons:
-            parameters.append(ParameterScoring(name, tuple(p.shape), "fallback", uses, reasons[pid]))
+            kind = "fallback"
         elif coverage is None or pid not in coverage.in_graph or not uses:
-            parameters.append(ParameterScoring(name, tuple(p.shape), "unused", uses))
+            kind = "unused"
         elif pid in coverage.recorder.in_modules:
-            parameters.append(ParameterScoring(name, tuple(p.shape), "layer rule", uses))
+            kind = "layer rule"
         elif pid in coverage.behind_derived:
-            parameters.append(ParameterScoring(name, tuple(p.shape), "derived", uses))
+            kind = "derived"
         elif pid in coverage.as_norm:
-            parameters.append(ParameterScoring(name, tuple(p.shape), "rule", uses))
+            kind = "rule"
         else:
-            parameters.append(ParameterScoring(name, tuple(p.shape), "summed", uses))
+            kind = "summed"
+        parameters.append(ParameterScoring(name, tuple(p.shape), kind, uses, reasons.get(pid, "")))
     return Explanation(parameters, len(x), supported, notes)

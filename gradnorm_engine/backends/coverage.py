@@ -54,9 +54,9 @@ class Coverage:
             if pid in recorder.failed:
                 self.failed[pid] = recorder.failed[pid]
                 continue
-            stray = self._stray_path(graph, graph.parents[node], {pid}, via=pid)
-            if stray is not None:
-                self.failed[pid] = f"a use the recording did not see: the graph reaches the loss through {stray}"
+            unseen = self._unseen_use(graph, node, {pid}, via=pid)
+            if unseen is not None:
+                self.failed[pid] = unseen
             elif pid in recorder.in_modules:
                 calls = recorder.in_modules[pid]
                 if len(calls) != 1 or recorder.uses.get(pid, 0):
@@ -77,9 +77,9 @@ class Coverage:
             node = tensor.grad_fn
             if node not in graph:
                 continue                                  # unused, or not on the way to the loss
-            stray = self._stray_path(graph, graph.parents[node], recorder.derivations.get(node, set()) | {did})
-            if stray is not None:
-                derived_failed[did] = f"a use the recording did not see: the graph reaches the loss through {stray}"
+            unseen = self._unseen_use(graph, node, recorder.derivations.get(node, set()) | {did})
+            if unseen is not None:
+                derived_failed[did] = unseen
         for did, reason in derived_failed.items():
             for pid in recorder.derived_from.get(did, ()):
                 if pid in self.in_graph:
@@ -136,6 +136,11 @@ class Coverage:
 
     def wants_norm(self, tensor: torch.Tensor) -> bool:
         return id(tensor) in self.as_norm
+
+    def _unseen_use(self, graph: Graph, node, allowed: set, via: int | None = None) -> str | None:
+        """Why ``node`` (a parameter's, or a derived tensor's) has a use the recording did not see, or None."""
+        stray = self._stray_path(graph, graph.parents[node], allowed, via)
+        return None if stray is None else f"a use the recording did not see: the graph reaches the loss through {stray}"
 
     def _stray_path(self, graph: Graph, start: list, allowed: set, via: int | None = None):
         """None when every path up from ``start`` first meets a check node taking one of ``allowed``

@@ -46,10 +46,6 @@ class VmapBackend(Backend):
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if n not in measured}
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
         self.num_classes: int | None = None   # the logits' width, once labels are checked
-        # in_dims 0 for every tensor of the inputs (positional and keyword alike), and for the
-        # labels when the score reads them (None where there are none: vmap maps tensors only)
-        self.per_sample_grad = {labels: vmap(grad(self._loss_one), in_dims=(None, 0, 0, 0 if labels else None),
-                                             randomness="error") for labels in (False, True)}
 
     @classmethod
     def supports(cls, job) -> bool:
@@ -95,19 +91,26 @@ class VmapBackend(Backend):
                 self.num_classes = int(self.job.logits(x[:1]).shape[1])
         check_labels(x.targets, self.num_classes)
 
-    def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
-        x = ModelInputs.of(x)
-        self.check_labels(x)
+    def _per_sample(self, fn, x: ModelInputs):
+        """``fn(measured, args, kwargs, targets)`` of one sample, vmapped over the chunk: in_dims 0 for
+        every tensor of the inputs (positional and keyword alike) and for the labels when there are
+        any (None otherwise: vmap maps tensors only); what torch.func cannot run is one line naming
+        the backend that can."""
         measured = {n: p.detach() for n, p in self.job.params}
+        per_sample = vmap(fn, in_dims=(None, 0, 0, 0 if x.targets is not None else None), randomness="error")
         try:
             with self.job.autocast_context():
-                per_sample_grad = self.per_sample_grad[x.targets is not None]
-                grads = per_sample_grad(measured, x.args, x.kwargs, x.targets)   # {name: [B, *param.shape]}
+                return per_sample(measured, x.args, x.kwargs, x.targets)
         except RuntimeError as err:
-            known = vmap_limit(err)   # what torch.func cannot run, in one line with the backend that can
+            known = vmap_limit(err)
             if known is None:
                 raise
             raise known from err
+
+    def sqnorms(self, x: ModelInputs | torch.Tensor) -> torch.Tensor:
+        x = ModelInputs.of(x)
+        self.check_labels(x)
+        grads = self._per_sample(grad(self._loss_one), x)   # {name: [B, *param.shape]}
         out = per_sample_sumsq([grads[n] for n in self.names], per_tensor=True)  # [B, P]
         return out.to(self.job.accum_dtype)
 
@@ -117,17 +120,8 @@ class VmapBackend(Backend):
         if objective is None:
             return self.sqnorms(x)[:, None], None
         x = ModelInputs.of(x)
-        measured = {n: p.detach() for n, p in self.job.params}
         jac = jacrev(functools.partial(self._losses_one, objective=objective), has_aux=True)
-        per_sample = vmap(jac, in_dims=(None, 0, 0, 0 if x.targets is not None else None), randomness="error")
-        try:
-            with self.job.autocast_context():
-                grads, weights = per_sample(measured, x.args, x.kwargs, x.targets)   # {name: [B, K, *shape]}
-        except RuntimeError as err:
-            known = vmap_limit(err)
-            if known is None:
-                raise
-            raise known from err
+        grads, weights = self._per_sample(jac, x)   # {name: [B, K, *shape]}, [B, K]
         batch, k = weights.shape
         flat = [grads[n].reshape(batch * k, *grads[n].shape[2:]) for n in self.names]
         out = per_sample_sumsq(flat, per_tensor=True).reshape(batch, k, len(self.names))

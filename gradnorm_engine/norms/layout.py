@@ -305,7 +305,7 @@ def _index_select(op: _Op):
     index = op.arg(2, "index")
     i_lay = op.layout_of(index)
     if i_lay is None:
-        return _ALONG_INDEX_SELECT(op)
+        return _INDEX_SELECT_ALONG(op)
     if op.lay is not None or index.dim() != 1:
         return op.unknown("input and index both batched")
     return (_dim(op.arg(1, "dim"), op.main.dim()), i_lay[1])
@@ -677,8 +677,9 @@ ALONG_DIM = {"softmax": (1, None, "dim"), "log_softmax": (1, None, "dim"), "soft
              "normalize": (2, 1, "dim"), "glu": (1, -1, "dim"), "cumsum": (1, None, "dim"),
              "cumprod": (1, None, "dim"), "cummax": (1, None, "dim"), "cummin": (1, None, "dim"),
              "logcumsumexp": (1, None, "dim"), "flip": (1, None, "dims"), "topk": (2, -1, "dim"),
-             "sort": (1, -1, "dim"), "argsort": (1, -1, "dim"), "index_select": (1, None, "dim"),
-             "diff": (2, -1, "dim")}
+             "sort": (1, -1, "dim"), "argsort": (1, -1, "dim"), "diff": (2, -1, "dim")}
+# index_select with batch-free ids acts along one dim (with batched ids: _index_select)
+_INDEX_SELECT_ALONG = _along_dim(1, None)
 # name -> (position of the left operand, position of the right operand)
 MATMULS = {"matmul": (0, 1), "__matmul__": (0, 1), "__rmatmul__": (1, 0), "mm": (0, 1), "bmm": (0, 1),
            "baddbmm": (1, 2), "addmm": (1, 2), "addbmm": (1, 2), "mv": (0, 1), "dot": (0, 1), "inner": (0, 1)}
@@ -692,7 +693,6 @@ HANDLERS.update({n: _reduction for n in REDUCTIONS})
 HANDLERS.update({n: _batch_first for n in BATCH_FIRST})
 HANDLERS.update({n: _along_dim(*spec) for n, spec in ALONG_DIM.items()})
 HANDLERS.update({n: _matmul(*spec) for n, spec in MATMULS.items()})
-_ALONG_INDEX_SELECT = HANDLERS["index_select"]
 HANDLERS["index_select"] = _index_select
 HANDLERS.update({
     "unsqueeze": _squeeze, "unsqueeze_": _squeeze, "squeeze": _squeeze, "squeeze_": _squeeze,
