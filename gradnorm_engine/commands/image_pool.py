@@ -15,7 +15,7 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch.utils.data import Dataset
@@ -26,6 +26,7 @@ from ..devices import resolve_device
 from ..distributed import DistributedScoringError, broadcast_module, init_from_torchrun
 from ..errors import LabelError, NonFiniteScoreError, SampleShapeError, SingleLogitError, UsageError
 from ..extras import require
+from ..al.run_folder import atomic_write_bytes
 from ..torch_files import load_torch_file
 
 NORMALIZATIONS = {
@@ -123,11 +124,10 @@ def engine_refusals(files: list[str], classes: int | None = None) -> Iterator[No
         raise
 
 
-def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: a reader never sees half a file."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
+def write_atomically(path: str, data: str | bytes) -> None:
+    """``data`` (text as UTF-8) to ``path`` as the AL system writes its run files: a reader, or a
+    crash, sees the old file or the new one, never half (al.run_folder.atomic_write_bytes)."""
+    atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def build_model(spec: str, num_classes: int) -> torch.nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 
@@ -70,14 +71,12 @@ def run(args: argparse.Namespace) -> int:
     if not is_main_process():
         return 0
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["rank", "position", "file", "score"])
-            for r, (pos, s) in enumerate(zip(res.indices.tolist(), res.scores.tolist()), start=1):
-                w.writerow([r, pos, names[pos], f"{s:.9g}"])
-
-    write_atomically(args.out, write)
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["rank", "position", "file", "score"])
+    for r, (pos, s) in enumerate(zip(res.indices.tolist(), res.scores.tolist()), start=1):
+        w.writerow([r, pos, names[pos], f"{s:.9g}"])
+    write_atomically(args.out, table.getvalue())
     print(f"scored {res.pool_size} images with backend={res.backend}, norm={res.norm}; "
           f"wrote the top {len(res)} to {args.out}")
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import sys
 
@@ -131,16 +132,15 @@ def run(args: argparse.Namespace) -> int:
 def write_scores(path: str, files: list[str], labels: list[str], scores: np.ndarray, what: str) -> None:
     """One row per image in folder order: CSV (position, file, label, <what>) or npz arrays."""
     if path.endswith(".npz"):
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                # plural names: np.savez takes its own first argument as "file"
-                np.savez(f, positions=np.arange(len(files)), files=np.array(files), labels=np.array(labels),
-                         scores=scores)
-    else:
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["position", "file", "label", what])
-                for i, (name, label, s) in enumerate(zip(files, labels, scores.tolist())):
-                    w.writerow([i, name, label, f"{s:.9g}"])
-    write_atomically(path, write)
+        arrays = io.BytesIO()
+        # plural names: np.savez takes its own first argument as "file"
+        np.savez(arrays, positions=np.arange(len(files)), files=np.array(files), labels=np.array(labels),
+                 scores=scores)
+        write_atomically(path, arrays.getvalue())
+        return
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["position", "file", "label", what])
+    for i, (name, label, s) in enumerate(zip(files, labels, scores.tolist())):
+        w.writerow([i, name, label, f"{s:.9g}"])
+    write_atomically(path, table.getvalue())
