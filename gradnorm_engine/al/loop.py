@@ -255,12 +255,11 @@ def _prepare_out(config: ALConfig, data: ALDataset) -> dict:
     settings["pool"] = {"train": len(data.train), "test": len(data.test), "classes": list(data.classes)}
     settings["fingerprint"] = {"train": content_fingerprint(data.train), "test": content_fingerprint(data.test)}
     path = os.path.join(config.out, CONFIG)
-    if holds_run(config.out) and not config.resume:
+    exists = holds_run(config.out)   # config.json, results.jsonl or checkpoints/
+    if exists and not config.resume:
         raise UsageError(f"{config.out} already holds a run; pass --resume to continue it or choose another --out")
-    if config.resume:
-        saved = read_config(config.out)
-        if saved is not None or holds_run(config.out):   # else: nothing to resume, a new run
-            settings = _continued_run(config.out, saved, settings)
+    if exists:   # (a resume of an empty folder is a new run)
+        settings = _continued_run(config.out, read_config(config.out), settings)
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
     return settings
 
@@ -270,8 +269,8 @@ def _continued_run(out: str, saved: dict | None, settings: dict) -> dict:
     ``saved``): its settings, its data, what it will write and what its checkpoints/ holds; then
     remove its stale temporary files.  -> the settings of the continued run"""
     _check_saved_settings(os.path.join(out, CONFIG), saved)
-    check_writable(out, list(dict.fromkeys(saved["strategies"] + settings["strategies"])),
-                   max(saved["trials"], settings["trials"]))
+    strategies, trials = _both_runs(saved, settings)
+    check_writable(out, strategies, trials)
     check_checkpoint_folders(out, saved["strategies"], saved["trials"], list(STRATEGIES))
     check_checkpoints_cover_results(out)
     settings = _resumed_settings(out, saved, settings)
@@ -341,9 +340,13 @@ def _resumed_settings(out: str, saved: dict, settings: dict) -> dict:
             raise UsageError(f"--resume with other data than the run in {out}: the {' and '.join(changed)} "
                              "images or labels differ from those the run was written with (the same counts and "
                              "classes, other content); give the run's own data, or start a new run in another --out")
-    return {**settings, "strategies": list(dict.fromkeys(saved["strategies"] + settings["strategies"])),
-            "trials": max(saved["trials"], settings["trials"]),
-            "cycles": max(saved["cycles"], settings["cycles"])}
+    strategies, trials = _both_runs(saved, settings)
+    return {**settings, "strategies": strategies, "trials": trials, "cycles": max(saved["cycles"], settings["cycles"])}
+
+
+def _both_runs(saved: dict, settings: dict) -> tuple[list[str], int]:
+    """The strategies (the saved run's first) and the trials a resume runs: those of both runs."""
+    return list(dict.fromkeys(saved["strategies"] + settings["strategies"])), max(saved["trials"], settings["trials"])
 
 
 def _ordered_records(all_records: dict[tuple[str, int], list[dict]], strategy_order: list[str]) -> list[dict]:

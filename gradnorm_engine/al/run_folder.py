@@ -241,11 +241,10 @@ def check_checkpoint_folders(out: str, strategies: list[str], trials: int, known
                                  f"which has {trials} trial(s); {move}")
 
 
-def remove_stale_temp_files(out: str, strategies: list[str]) -> list[str]:
+def remove_stale_temp_files(out: str, strategies: list[str]) -> None:
     """Remove the temporary files that writes killed part-way left in ``out``: those of the run's
     own files alone (results.jsonl, config.json, and checkpoints/<strategy>/trial<t>.pt of
-    ``strategies``), by atomic_write_bytes's name pattern.  -> the paths removed"""
-    removed = []
+    ``strategies``), by atomic_write_bytes's name pattern."""
     places = [(out, RUN_TEMP_NAME), *((os.path.join(out, CHECKPOINTS, s), CHECKPOINT_TEMP_NAME) for s in strategies)]
     for folder, pattern in places:
         if not os.path.isdir(folder):
@@ -254,8 +253,6 @@ def remove_stale_temp_files(out: str, strategies: list[str]) -> list[str]:
             path = os.path.join(folder, name)
             if pattern.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
                 os.unlink(path)
-                removed.append(path)
-    return removed
 
 
 def check_checkpoints_cover_results(out: str) -> None:
