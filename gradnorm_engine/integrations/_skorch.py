@@ -115,3 +115,14 @@ def array_loader(X: Any, module: nn.Module, batch_size: int = 256) -> DataLoader
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"the pool is empty (shape {tuple(x.shape)}); pass at least one sample")
     return DataLoader(TensorDataset(x), batch_size=batch_size, shuffle=False)
+
+
+def module_and_loader(clf: Any, X: Any, batch_size: int, options: dict | None) -> tuple[nn.Module, DataLoader, dict]:
+    """What an adapter hands the engine for the wrapper ``clf`` and the array pool ``X``: its torch
+    module, a loader over ``X`` in pool order, and ``options`` (copied) with the wrapper's logits
+    and no progress bar unless they say otherwise."""
+    module = torch_module(clf)
+    options = dict(options or {})
+    options.setdefault("logits_fn", logits_fn_for(clf))
+    options.setdefault("progress", False)
+    return module, array_loader(X, module, batch_size), options

@@ -35,7 +35,7 @@ from ..api import score_pool, top_k
 from ..egl import expected_gradient_length
 from ..ranking import check_k
 from ._requirements import require
-from ._skorch import array_loader, logits_fn_for, torch_module
+from ._skorch import module_and_loader
 from ._strategies import DEFAULT_SEED, badge_generator, badge_picks
 
 _modal_base = require("modAL.models.base", distribution="modAL-python", adapter="modal")
@@ -88,10 +88,9 @@ def badge_sampling(classifier: Any, X_pool: Any, n_instances: int = 1, *, seed: 
     in a softmax is refused). Returns ``indices`` (modAL 0.4.1) or ``(indices, ||g(x)|| of each
     pick)`` (modAL >= 0.4.2): BADGE's metric per pick is its gradient embedding's norm.
     """
-    module = torch_module(classifier)
-    badge_options.setdefault("logits_fn", logits_fn_for(classifier))
-    picks = badge_picks(module, array_loader(X_pool, module, batch_size), check_k(n_instances),
-                        generator=badge_generator(seed, generator), layer=layer, **badge_options)
+    module, loader, options = module_and_loader(classifier, X_pool, batch_size, badge_options)
+    picks = badge_picks(module, loader, check_k(n_instances), generator=badge_generator(seed, generator),
+                        layer=layer, **options)
     indices = picks.positions.numpy()
     return (indices, picks.embedding_norms()) if _strategies_return_metrics() else indices
 
@@ -114,10 +113,8 @@ def _egl(classifier: Any, X_pool: Any, *, batch_size: int = 256, **egl_options) 
 
 def _on_module(function, classifier: Any, X_pool: Any, batch_size: int, options: dict) -> torch.Tensor:
     """``function(module, loader(X_pool), **options)`` with the module's logits and no progress bar."""
-    module = torch_module(classifier)
-    options.setdefault("logits_fn", logits_fn_for(classifier))
-    options.setdefault("progress", False)
-    return function(module, array_loader(X_pool, module, batch_size), **options)
+    module, loader, options = module_and_loader(classifier, X_pool, batch_size, options)
+    return function(module, loader, **options)
 
 
 def _strategies_return_metrics() -> bool:

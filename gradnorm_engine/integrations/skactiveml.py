@@ -33,7 +33,7 @@ import torch
 
 from ..api import score_pool, top_k
 from ._requirements import require
-from ._skorch import array_loader, logits_fn_for, torch_module
+from ._skorch import module_and_loader
 from ..egl import expected_gradient_length
 from ._strategies import DEFAULT_SEED, badge_generator, badge_picks
 
@@ -112,26 +112,13 @@ class _TorchPoolQueryStrategy(_base.SingleAnnotatorPoolQueryStrategy):
         return (query_indices, utilities) if return_utilities else query_indices
 
     def _select(self, clf: Any, X_cand: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``batch_size`` candidates with the largest ``_scores``, highest first (ties: the lower
-        position), and the utilities: the scores in every row, the earlier picks np.nan."""
-        scores = self._scores(clf, X_cand)                        # [n_candidates]
-        picked = top_k(scores, batch_size).indices.numpy()
-        rows = np.repeat(scores.numpy().astype(float)[None, :], batch_size, axis=0)
-        for i in range(1, batch_size):
-            rows[i, picked[:i]] = np.nan
-        return picked, rows
-
-    def _scores(self, clf: Any, X_cand: np.ndarray) -> torch.Tensor:
+        """(the picked candidate positions [batch_size], the utilities [batch_size, n_candidates])."""
         raise NotImplementedError
 
     def _module_loader(self, clf: Any, X_cand: np.ndarray, options: dict | None) -> tuple[Any, Any, dict]:
         """The torch module in ``clf``, a loader over the candidates, and ``options`` with the
         wrapper's logits and no progress bar unless asked."""
-        module = torch_module(clf)
-        options = dict(options or {})
-        options.setdefault("logits_fn", logits_fn_for(clf))
-        options.setdefault("progress", False)
-        return module, array_loader(X_cand, module, self.loader_batch_size), options
+        return module_and_loader(clf, X_cand, self.loader_batch_size, options)
 
 
 class _ScoreTopK(_TorchPoolQueryStrategy):
@@ -144,6 +131,16 @@ class _ScoreTopK(_TorchPoolQueryStrategy):
         self.norm = norm
         self.backend = backend
         self.score_options = score_options
+
+    def _select(self, clf: Any, X_cand: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``batch_size`` candidates with the largest ``_scores``, highest first (ties: the lower
+        position), and the utilities: the scores in every row, the earlier picks np.nan."""
+        scores = self._scores(clf, X_cand)                        # [n_candidates]
+        picked = top_k(scores, batch_size).indices.numpy()
+        rows = np.repeat(scores.numpy().astype(float)[None, :], batch_size, axis=0)
+        for i in range(1, batch_size):
+            rows[i, picked[:i]] = np.nan
+        return picked, rows
 
     def _scores(self, clf: Any, X_cand: np.ndarray) -> torch.Tensor:
         module, loader, options = self._module_loader(clf, X_cand, self.score_options)
