@@ -30,8 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .devices import check_device
-from .inputs import InputReader, default_logits
-from .job import eval_mode, model_device, on_device
+from .inputs import InputReader, resolve_logits_fn
+from .job import eval_mode, model_device, on_device, scored_module
 from .loaders import as_pool, check_pool_loader
 from .scores import at_least_fp32
 
@@ -86,12 +86,13 @@ def last_layer_features(model: nn.Module, loader: Iterable, *, layer: nn.Module 
     """The input h [N, D] of the layer producing the logits, and the probabilities p [N, C], in
     pool order (eval mode, no gradients).  ``layer``: that layer (default: the last nn.Linear
     of ``model.modules()``); its output must be the logits themselves."""
+    model = scored_module(model)   # a DDP / DataParallel wrapper's module, as score_pool scores it
     loader = as_pool(loader)
     check_pool_loader(loader)
     layer = layer or _last_linear(model)
     device = check_device(device) if device is not None else model_device(model)
     reader = InputReader(model, **input_options)
-    logits_fn = logits_fn or default_logits
+    logits_fn = resolve_logits_fn(logits_fn)
     captured: list[torch.Tensor] = []
 
     def keep(_module, inputs, output):
