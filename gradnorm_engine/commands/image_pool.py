@@ -109,7 +109,7 @@ def engine_refusals(files: list[str], classes: int | None = None) -> Iterator[No
                          "image to N x N") from None
     except LabelError as err:   # class folders beyond the model's logits (--score cross_entropy)
         raise class_mismatch(err, classes) from None
-    except (SingleLogitError, NonFiniteScoreError) as err:   # the model's outputs cannot be scored
+    except MODEL_FAULTS as err:   # the model's outputs cannot be scored
         raise unrankable_outputs(err, files) from None
     except DistributedScoringError as err:   # under torchrun: a rank's data error, reported to all
         # a failure that is the data's or the model's fault, on every rank that failed: one line, exit 2
