@@ -42,8 +42,8 @@ from .datasets import ALDataset, ImageTensors, content_fingerprint, load_dataset
 from .lossnet import LossNet, has_stage_taps, lossnet_for
 from .models import cifar_resnet18
 from .presets import Preset, check_settings
-from .run_folder import (CONFIG, atomic_torch_save, atomic_write_bytes, check_checkpoint_folders,
-                         check_checkpoints_cover_results, check_writable, checkpoint_path, holds_run,
+from .run_folder import (CONFIG, JSON_KIND_WORDS, atomic_torch_save, atomic_write_bytes, check_checkpoint_folders,
+                         check_checkpoints_cover_results, check_writable, checkpoint_path, holds_run, is_json_kind,
                          load_all_records, load_trial_state, make_out_folder, read_config, remove_stale_temp_files,
                          write_results)
 from .strategies import STRATEGIES, QueryContext, Strategy, make_strategy
@@ -291,30 +291,14 @@ def _check_saved_settings(path: str, saved: dict | None) -> None:
     if missing:
         raise UsageError(f"--resume: {path} lacks the run's {', '.join(missing)}; {fix}")
     for key, kind in SETTING_TYPES.items():
-        if key in saved and not _is_setting(saved[key], kind):
+        if key in saved and not is_json_kind(saved[key], kind):
             shown = json.dumps(saved[key])
             shown = shown if len(shown) <= 40 else shown[:37] + "..."
-            raise UsageError(f"--resume: {path} holds {key} = {shown}, not {_KIND_WORDS[kind]}; {fix}")
+            raise UsageError(f"--resume: {path} holds {key} = {shown}, not {JSON_KIND_WORDS[kind]}; {fix}")
     unknown = [name for name in saved["strategies"] if name not in STRATEGIES]
     if unknown:
         raise UsageError(f"--resume: {path} names strategies this version does not have "
                          f"({', '.join(map(repr, unknown))}); {fix}")
-
-
-_KIND_WORDS = {"string": "a string", "strings": "a list of strings", "integer": "an integer",
-               "integers": "a list of integers", "number": "a number", "boolean": "true or false",
-               "object": "a JSON object"}
-
-
-def _is_setting(value, kind: str) -> bool:
-    """Whether ``value`` (read from JSON) is of ``kind``, a key of _KIND_WORDS."""
-    if kind in ("strings", "integers"):
-        return isinstance(value, list) and all(_is_setting(v, kind[:-1]) for v in value)
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, {"string": str, "boolean": bool, "object": dict}[kind])
 
 
 def _resumed_settings(out: str, saved: dict, settings: dict) -> dict:

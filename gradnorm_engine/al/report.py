@@ -19,7 +19,7 @@ from collections import defaultdict
 
 from ..errors import UsageError
 from ..extras import require
-from .run_folder import read_results, results_path
+from .run_folder import JSON_KIND_WORDS, is_json_kind, read_results, results_path
 
 CURVES = "curves.png"
 TIMES = "times.png"
@@ -28,11 +28,8 @@ SUMMARY = "summary.md"
 
 
 # What the report reads of every record, and its JSON type.
-RECORD_FIELDS = {"strategy": "a string", "trial": "an integer", "cycle": "an integer", "labeled": "an integer",
-                 "per_class_acc": "a list", "train_s": "a number", "query_s": "a number"}
-_IS = {"a string": lambda v: isinstance(v, str), "a list": lambda v: isinstance(v, list),
-       "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-       "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+RECORD_FIELDS = {"strategy": "string", "trial": "integer", "cycle": "integer", "labeled": "integer",
+                 "per_class_acc": "list", "train_s": "number", "query_s": "number"}
 
 
 def read_records(run_dir: str) -> list[dict]:
@@ -51,8 +48,9 @@ def read_records(run_dir: str) -> list[dict]:
         if missing:
             raise UsageError(f"record {number} of {path} lacks {', '.join(missing)}, which the report needs; {fix}")
         for key, kind in RECORD_FIELDS.items():
-            if not _IS[kind](record[key]):
-                raise UsageError(f"record {number} of {path} holds {key} = {record[key]!r}, not {kind}; {fix}")
+            if not is_json_kind(record[key], kind):
+                raise UsageError(f"record {number} of {path} holds {key} = {record[key]!r}, not "
+                                 f"{JSON_KIND_WORDS[kind]}; {fix}")
         key = (record["strategy"], record["trial"], record["cycle"])
         if key in seen:
             raise UsageError(f"{path} holds {key[0]} trial {key[1]} cycle {key[2]} twice (records {seen[key]} and "

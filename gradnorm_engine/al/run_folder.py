@@ -162,6 +162,23 @@ def read_config(out: str) -> dict | None:
     return saved
 
 
+# The JSON kinds the run files' fields are checked against, in words for the messages.
+JSON_KIND_WORDS = {"string": "a string", "strings": "a list of strings", "integer": "an integer",
+                   "integers": "a list of integers", "number": "a number", "boolean": "true or false",
+                   "object": "a JSON object", "list": "a list"}
+
+
+def is_json_kind(value, kind: str) -> bool:
+    """Whether ``value`` (read from JSON) is of ``kind``, a key of JSON_KIND_WORDS (a bool is no number)."""
+    if kind in ("strings", "integers"):
+        return isinstance(value, list) and all(is_json_kind(v, kind[:-1]) for v in value)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, {"string": str, "boolean": bool, "object": dict, "list": list}[kind])
+
+
 def _json_kind(value) -> str:
     """The JSON name of ``value``'s type: object, list, string, number, boolean, null."""
     for kind, types in (("boolean", bool), ("number", (int, float)), ("string", str), ("list", list),
